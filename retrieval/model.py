@@ -1,0 +1,413 @@
+"""The CLIP model: load (pretrained tag, local checkpoint, or seeded random weights), encode.
+
+torch and open_clip are imported inside functions: they take seconds to import, and a query
+answered from cached embeddings never needs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ModelLoadError, ModelMismatchError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+DEFAULT_ARCH = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+RANDOM = "random"  # seeded random weights: for tests and speed benchmarks, meaningless results
+CONFIG_DIR = Path(__file__).with_name("model_configs")
+CHECKPOINT_NAMES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for. `pretrained` is a tag, a checkpoint file or folder, or 'random'."""
+
+    arch: str = DEFAULT_ARCH
+    pretrained: str = DEFAULT_PRETRAINED
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    seed: int = 0  # only for pretrained='random'
+
+    def weights_id(self) -> str:
+        """Identity of the weights, cheap to compute: the tag, or the checkpoint's sha256."""
+        if self.pretrained == RANDOM:
+            return f"random:seed={self.seed}"
+        path = _checkpoint_path(self.pretrained)
+        if path is not None:
+            return "sha256:" + file_sha256(path)
+        return self.pretrained
+
+    def arch_name(self) -> str:
+        return _register_config(self.arch)
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What an index records about the model that built it; a query must use the same."""
+
+    arch: str
+    weights_id: str
+    pretrained: str  # how to load it again: tag, absolute checkpoint path, or 'random'
+    dim: int
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSignature:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def describe(self) -> str:
+        return f"{self.arch} with weights {self.weights_id}"
+
+    def spec(self, device: str = "auto", precision: str = "auto") -> ModelSpec:
+        return ModelSpec(self.arch, self.pretrained, device, precision, self.seed)
+
+    def check_compatible(self, other: ModelSignature, where: str) -> None:
+        """Same arch, weights, dimension and preprocessing, or a clear error."""
+        mine = (self.arch, self.weights_id, self.dim, _canon(self.preprocess))
+        theirs = (other.arch, other.weights_id, other.dim, _canon(other.preprocess))
+        if mine != theirs:
+            raise ModelMismatchError(
+                f"{where} was built with {self.describe()} (dim {self.dim}), not {other.describe()} "
+                f"(dim {other.dim}); use the index's own model, or rebuild it with "
+                "'clipdex index --reindex'"
+            )
+
+
+def check_spec_matches(recorded: ModelSignature, spec: ModelSpec, where: str) -> None:
+    """Cheap check before any model is loaded: architecture and weights identity."""
+    if (recorded.arch, recorded.weights_id) != (spec.arch_name(), spec.weights_id()):
+        raise ModelMismatchError(
+            f"{where} was built with {recorded.describe()}, not {spec.arch_name()} with weights "
+            f"{spec.weights_id()}; use the index's own model (omit --model/--pretrained), or rebuild it "
+            "with 'clipdex index --reindex'"
+        )
+
+
+def _canon(d: dict[str, Any]) -> str:
+    return json.dumps(d, sort_keys=True)
+
+
+def _register_config(arch: str) -> str:
+    """Make the bundled configs (and `arch` given as a .json path) known to open_clip."""
+    if arch.endswith(".json") and os.path.isfile(arch):
+        import open_clip
+
+        open_clip.add_model_config(arch)
+        return Path(arch).stem
+    return arch
+
+
+def _checkpoint_path(pretrained: str) -> Path | None:
+    """The checkpoint file `pretrained` names, if it names a local file or folder."""
+    p = Path(pretrained).expanduser()
+    if p.is_file():
+        return p.resolve()
+    if p.is_dir():
+        for name in CHECKPOINT_NAMES:
+            if (p / name).is_file():
+                return (p / name).resolve()
+        found = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + sorted(p.glob("*.pt*"))
+        if found:
+            return found[0].resolve()
+        raise ModelLoadError(f"no checkpoint file (*.safetensors, *.bin, *.pt) in folder {p}")
+    if os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
+        raise ModelLoadError(f"checkpoint not found: {p}")
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a checkpoint, cached by (path, size, mtime) since big files take seconds."""
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _cache_dir() / "checkpoint-hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    cache[key] = digest
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+    return digest
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("CLIPDEX_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("clipdex", appauthor=False))
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """fp16 on CUDA; fp32 on CPU. bf16 on CPU is opt-in: it only pays on CPUs with native
+    bf16 arithmetic (avx512_bf16 / AMX), and these measurements were taken on one without."""
+    if precision != "auto":
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ModelLoadError(f"unknown precision '{precision}': use fp32, bf16 or fp16")
+        if precision == "fp16" and not device.startswith("cuda"):
+            raise ModelLoadError("fp16 needs a CUDA device; on CPU use fp32 or bf16")
+        return precision
+    return "fp16" if device.startswith("cuda") else "fp32"
+
+
+class ClipModel:
+    """An open_clip model ready to embed images and texts into unit-norm float32 vectors."""
+
+    def __init__(self, spec: ModelSpec):
+        import open_clip
+        import torch
+
+        open_clip.add_model_config(CONFIG_DIR)
+        self.spec = spec
+        self.arch = _register_config(spec.arch)
+        self.device = resolve_device(spec.device)
+        self.precision = resolve_precision(spec.precision, self.device)
+        self.model = _create(self.arch, spec)
+        self.model.eval().to(self.device)
+        if self.precision == "fp16":
+            self.model.half()
+        cfg = dict(self.model.visual.preprocess_cfg)
+        self.preprocess_cfg = {
+            "size": list(cfg["size"]) if isinstance(cfg.get("size"), (list, tuple)) else cfg.get("size"),
+            "mean": list(cfg.get("mean", ())),
+            "std": list(cfg.get("std", ())),
+            "interpolation": cfg.get("interpolation"),
+            "resize_mode": cfg.get("resize_mode"),
+        }
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        self.preprocess: Callable[[Image.Image], torch.Tensor] = image_transform_v2(
+            PreprocessCfg(**cfg), is_train=False
+        )
+        self.tokenizer = open_clip.get_tokenizer(self.arch)
+        self.dim = int(self.model.text_projection.shape[-1]) if hasattr(self.model, "text_projection") and \
+            self.model.text_projection is not None else int(self._probe_dim())
+        self.logit_scale = float(self.model.logit_scale.exp().item())
+        self.images_encoded = 0  # counted so tests can prove that skipped files were not embedded
+        self.texts_encoded = 0
+        self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
+
+    def _probe_dim(self) -> int:
+        return int(self.encode_texts(["x"]).shape[1])
+
+    @property
+    def signature(self) -> ModelSignature:
+        return ModelSignature(
+            arch=self.arch,
+            weights_id=self.spec.weights_id(),
+            pretrained=_loadable(self.spec.pretrained),
+            dim=self.dim,
+            preprocess=self.preprocess_cfg,
+            seed=self.spec.seed,
+        )
+
+    def _autocast(self):  # type: ignore[no-untyped-def]
+        import contextlib
+
+        import torch
+
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """Embed a batch of preprocessed images (N, 3, H, W)."""
+        import torch
+
+        n = int(pixels.shape[0])
+        if n == 0:
+            return np.empty((0, self.dim), np.float32)
+        if self.max_batch and n > self.max_batch:
+            parts = [self.encode_images(pixels[i : i + self.max_batch]) for i in range(0, n, self.max_batch)]
+            return np.concatenate(parts)
+        try:
+            with torch.inference_mode(), self._autocast():
+                x = pixels
+                if self.device.startswith("cuda"):
+                    x = x.pin_memory().to(self.device, non_blocking=True)
+                if self.precision == "fp16":
+                    x = x.half()
+                feats = self.model.encode_image(x)
+        except torch.cuda.OutOfMemoryError:
+            if n == 1:
+                raise
+            torch.cuda.empty_cache()
+            self.max_batch = max(1, n // 2)  # remember: later batches go in halves straight away
+            return self.encode_images(pixels)
+        self.images_encoded += n
+        return _normalize(feats)
+
+    def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
+        import torch
+
+        return self.encode_images(torch.stack([self.preprocess(im) for im in images]))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        if not texts:
+            return np.empty((0, self.dim), np.float32)
+        with torch.inference_mode(), self._autocast():
+            tokens = self.tokenizer(list(texts)).to(self.device)
+            feats = self.model.encode_text(tokens)
+        self.texts_encoded += len(texts)
+        return _normalize(feats)
+
+
+def _normalize(feats: torch.Tensor) -> np.ndarray:
+    v = feats.float().cpu().numpy().astype(np.float32, copy=False)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return (v / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def _loadable(pretrained: str) -> str:
+    path = _checkpoint_path(pretrained) if pretrained != RANDOM else None
+    return str(path) if path is not None else pretrained
+
+
+def _create(arch: str, spec: ModelSpec):  # type: ignore[no-untyped-def]
+    import open_clip
+    import torch
+
+    if arch not in open_clip.list_models():
+        raise ModelLoadError(
+            f"unknown model architecture '{arch}': see 'python -c \"import open_clip; "
+            "print(open_clip.list_models())\"', or pass a config file path"
+        )
+    if spec.pretrained == RANDOM:
+        # Seed, so that two processes building the same random model get the same weights.
+        state = torch.random.get_rng_state()
+        torch.manual_seed(spec.seed)
+        try:
+            with _quiet_logging():
+                return open_clip.create_model(arch, pretrained=None, pretrained_text=False)
+        finally:
+            torch.random.set_rng_state(state)
+    path = _checkpoint_path(spec.pretrained)
+    if path is not None:
+        with _quiet_logging():
+            model = open_clip.create_model(arch, pretrained=None, pretrained_text=False)
+        try:
+            open_clip.load_checkpoint(model, str(path), weights_only=True)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load checkpoint {path} into {arch}: {_first_line(exc)}") from None
+        return model
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if spec.pretrained not in tags:
+        raise ModelLoadError(
+            f"'{spec.pretrained}' is neither a pretrained tag of {arch} ({', '.join(tags) or 'none'}) "
+            "nor a checkpoint file"
+        )
+    tag_cfg = open_clip.get_pretrained_cfg(arch, spec.pretrained)
+    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    cached = _cached_weights(tag_cfg)
+    if cached is None and not _hub_reachable():
+        raise ModelLoadError(
+            f"cannot download weights {arch}/{spec.pretrained}: the Hugging Face hub is unreachable; "
+            "download open_clip_pytorch_model.bin elsewhere and pass it with --pretrained /path/to/file"
+        )
+    with _quiet_logging():
+        try:
+            if cached is not None:  # no network round trip (and no retries) for a cached file
+                model = open_clip.create_model(
+                    arch, pretrained=None, pretrained_text=False, force_preprocess_cfg=preprocess
+                )
+                open_clip.load_checkpoint(model, cached, weights_only=True)
+                return model
+            return open_clip.create_model(arch, pretrained=spec.pretrained, pretrained_text=False)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot get weights {arch}/{spec.pretrained} ({_first_line(exc)[:120]}); offline, "
+                "pass a downloaded checkpoint with --pretrained /path/to/file"
+            ) from None
+
+
+def _cached_weights(tag_cfg: dict[str, Any]) -> str | None:
+    """The tag's checkpoint in the Hugging Face cache, if it was downloaded before."""
+    repo = (tag_cfg.get("hf_hub") or "").strip("/")
+    if not repo:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so that an offline machine fails in seconds, not after minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class _quiet_logging:
+    """open_clip and huggingface_hub log each retry; the caller reports one line instead."""
+
+    def __enter__(self) -> None:
+        import logging
+
+        logging.disable(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        import logging
+
+        logging.disable(logging.NOTSET)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,142 @@
+"""The FAISS side: an `IndexIDMap2` over `IndexFlatIP` whose ids are catalog row ids.
+
+Vectors are unit-norm float32, so inner product is cosine similarity. The file on disk is a
+cache of the catalog's vectors: it is written through a temporary file and an atomic rename,
+and `reconcile` brings any stale copy (a crash between a commit and a save) back in line with
+the catalog by adding and removing the ids that differ.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import IndexWriteError
+
+VECTORS_NAME = "vectors.faiss"
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    added: int
+    removed: int
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed)
+
+
+class VectorIndex:
+    def __init__(self, index: faiss.IndexIDMap2):
+        self.index = index
+
+    @classmethod
+    def empty(cls, dim: int) -> VectorIndex:
+        return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
+
+    @classmethod
+    def load(cls, path: Path, dim: int) -> VectorIndex | None:
+        """The saved index, or None when it is missing, unreadable or of another dimension."""
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+            index = faiss.deserialize_index(data)
+        except (OSError, RuntimeError, ValueError):
+            return None
+        if index.d != dim or not isinstance(index, faiss.IndexIDMap2):
+            return None
+        return cls(index)
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def ids(self) -> np.ndarray:
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
+
+    def vectors(self) -> np.ndarray:
+        """All vectors, in the order of `ids()`."""
+        n = self.ntotal
+        if n == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return self.index.index.reconstruct_n(0, n)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
+        self.index.add_with_ids(vecs, np.ascontiguousarray(ids, dtype=np.int64))
+
+    def remove(self, ids: np.ndarray) -> int:
+        if len(ids) == 0:
+            return 0
+        return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+
+    def search(
+        self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) for each query row; ids are -1 where fewer than k exist.
+
+        `allowed_ids` restricts the search to those ids inside FAISS (an ID selector), so a
+        filter never shortens the result the way filtering a top-k afterwards would.
+        """
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        k = max(1, min(k, self.ntotal)) if self.ntotal else 1
+        if self.ntotal == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        if allowed_ids is None:
+            return self.index.search(q, k)
+        allowed = np.ascontiguousarray(np.unique(allowed_ids), dtype=np.int64)
+        if len(allowed) == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        selector = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
+        params = faiss.SearchParameters(sel=selector)
+        return self.index.search(q, k, params=params)
+
+    def save(self, path: Path) -> None:
+        """Write atomically: a temporary file in the same directory, fsync, rename, fsync dir."""
+        data = faiss.serialize_index(self.index)
+        directory = path.parent
+        tmp_name = None
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+            with os.fdopen(fd, "wb") as f:
+                f.write(memoryview(data))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, path)
+            tmp_name = None
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise IndexWriteError(
+                f"cannot write {path}: {exc.strerror or exc}; the previous file is intact"
+            ) from None
+        finally:
+            if tmp_name is not None:
+                try:
+                    os.unlink(tmp_name)
+                except OSError:
+                    pass
+
+
+def reconcile(vectors: VectorIndex, catalog_ids: np.ndarray, fetch) -> ReconcileReport:  # type: ignore[no-untyped-def]
+    """Make `vectors` hold exactly `catalog_ids`; `fetch(ids)` returns their stored vectors."""
+    have = vectors.ids()
+    extra = np.setdiff1d(have, catalog_ids, assume_unique=True)
+    missing = np.setdiff1d(catalog_ids, have, assume_unique=True)
+    vectors.remove(extra)
+    if len(missing):
+        vectors.add(missing, fetch(missing.tolist()))
+    return ReconcileReport(added=len(missing), removed=len(extra))
