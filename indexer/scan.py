@@ -68,7 +68,10 @@ def scan(roots: Iterable[str], extensions: frozenset[str] | None = None) -> Iter
 
 
 def _walk(
-    directory: str, exts: frozenset[str], visited: set[tuple[int, int]], ancestors: tuple[tuple[int, int], ...]
+    directory: str,
+    exts: frozenset[str],
+    visited: set[tuple[int, int]],
+    ancestors: tuple[tuple[int, int], ...],
 ) -> Iterator[FileInfo | ScanProblem]:
     try:
         dst = os.stat(directory)

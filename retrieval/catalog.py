@@ -217,6 +217,10 @@ class Catalog:
             conn.execute(delete(ModelRow))
             conn.execute(insert(ModelRow).values(id=1, signature=json.dumps(signature, sort_keys=True)))
 
+    def clear_model_signature(self) -> None:
+        with self._write() as conn:
+            conn.execute(delete(ModelRow))
+
     # -- reads ----------------------------------------------------------------------------
     def count(self) -> int:
         with self.engine.connect() as conn:

@@ -74,6 +74,8 @@ def load_image(
                 img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise ImageLoadError(f"refused: {exc}") from None
+        except Image.UnidentifiedImageError:
+            raise ImageLoadError("not an image file (unknown format)") from None
         except Exception as exc:  # PIL raises many types for foreign data
             raise ImageLoadError(f"not a readable image ({_short(exc)})") from None
     try:

@@ -13,7 +13,7 @@ def default_index_dir() -> Path:
     env = os.environ.get(ENV_INDEX)
     if env:
         return Path(env).expanduser()
-    # platformdirs is cheap to import and follows XDG_DATA_HOME, ~/Library/Application Support, %LOCALAPPDATA%.
+    # platformdirs is cheap to import; it follows XDG_DATA_HOME, macOS and Windows conventions.
     import platformdirs
 
     return Path(platformdirs.user_data_dir("clipdex", appauthor=False)) / "index"

@@ -6,6 +6,7 @@ never leaves the index stuck; the pid and host written into the file only serve 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -42,10 +43,8 @@ class WriterLock:
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            try:
+            with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
-            except OSError:
-                pass
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 

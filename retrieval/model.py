@@ -83,11 +83,15 @@ class ModelSignature:
     def spec(self, device: str = "auto", precision: str = "auto") -> ModelSpec:
         return ModelSpec(self.arch, self.pretrained, device, precision, self.seed)
 
+    def _identity(self) -> tuple[str, str, int, str]:
+        return (self.arch, self.weights_id, self.dim, _canon(self.preprocess))
+
+    def matches(self, other: ModelSignature) -> bool:
+        """Same arch, weights, dimension and preprocessing (where the weights file lies does not matter)."""
+        return self._identity() == other._identity()
+
     def check_compatible(self, other: ModelSignature, where: str) -> None:
-        """Same arch, weights, dimension and preprocessing, or a clear error."""
-        mine = (self.arch, self.weights_id, self.dim, _canon(self.preprocess))
-        theirs = (other.arch, other.weights_id, other.dim, _canon(other.preprocess))
-        if mine != theirs:
+        if not self.matches(other):
             raise ModelMismatchError(
                 f"{where} was built with {self.describe()} (dim {self.dim}), not {other.describe()} "
                 f"(dim {other.dim}); use the index's own model, or rebuild it with "
@@ -198,7 +202,6 @@ class ClipModel:
 
     def __init__(self, spec: ModelSpec):
         import open_clip
-        import torch
 
         open_clip.add_model_config(CONFIG_DIR)
         self.spec = spec
@@ -223,8 +226,11 @@ class ClipModel:
             PreprocessCfg(**cfg), is_train=False
         )
         self.tokenizer = open_clip.get_tokenizer(self.arch)
-        self.dim = int(self.model.text_projection.shape[-1]) if hasattr(self.model, "text_projection") and \
-            self.model.text_projection is not None else int(self._probe_dim())
+        self.dim = (
+            int(self.model.text_projection.shape[-1])
+            if hasattr(self.model, "text_projection") and self.model.text_projection is not None
+            else int(self._probe_dim())
+        )
         self.logit_scale = float(self.model.logit_scale.exp().item())
         self.images_encoded = 0  # counted so tests can prove that skipped files were not embedded
         self.texts_encoded = 0

@@ -8,6 +8,7 @@ the catalog by adding and removing the ids that differ.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -125,10 +126,8 @@ class VectorIndex:
             ) from None
         finally:
             if tmp_name is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
-                except OSError:
-                    pass
 
 
 def reconcile(vectors: VectorIndex, catalog_ids: np.ndarray, fetch) -> ReconcileReport:  # type: ignore[no-untyped-def]

@@ -1,0 +1,101 @@
+"""One file to one preprocessed tensor: read once, hash those bytes, decode, preprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from retrieval.errors import ImageLoadError
+from retrieval.imageio import DEFAULT_MAX_PIXELS, load_image
+
+from .plan import EmbedJob
+
+DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: no photo is larger; a file that is would only exhaust memory
+
+
+@dataclass
+class Decoded:
+    job: EmbedJob
+    size: int
+    mtime_ns: int
+    content_hash: str
+    pixels: Any  # torch.Tensor (3, H, W)
+    width: int
+    height: int
+    format: str | None
+    taken_at: float | None
+
+
+@dataclass
+class SameContent:
+    """A file whose mtime changed but whose bytes did not: no need to embed it again."""
+
+    job: EmbedJob
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Failed:
+    path: str
+    reason: str
+    job: EmbedJob | None = None
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    draft_size: int | None = None  # JPEG reduced-scale decoding; None decodes at full size
+
+
+def read_stable(path: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """The file's bytes, refused if the file changed while it was being read."""
+    for _attempt in range(2):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            before = os.fstat(fd)
+            if before.st_size > max_bytes:
+                raise ImageLoadError(f"file too large ({before.st_size:,} bytes)")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read(max_bytes + 1)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        unchanged = (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
+        if unchanged and len(data) == after.st_size:
+            return data, after
+    raise ImageLoadError("file changed while being read")
+
+
+def decode_job(
+    job: EmbedJob, preprocess: Callable[[Any], Any], options: DecodeOptions
+) -> Decoded | SameContent | Failed:
+    path = job.info.path
+    try:
+        data, st = read_stable(path, options.max_bytes)
+        digest = hashlib.sha256(data).hexdigest()
+        if job.previous is not None and not job.force and job.previous.content_hash == digest:
+            return SameContent(job, st.st_size, st.st_mtime_ns)
+        loaded = load_image(data, max_pixels=options.max_pixels, draft_size=options.draft_size)
+        pixels = preprocess(loaded.image)
+    except ImageLoadError as exc:
+        return Failed(path, str(exc), job)
+    except OSError as exc:
+        return Failed(path, exc.strerror.lower() if exc.strerror else str(exc), job)
+    except Exception as exc:  # one bad file never stops a run
+        return Failed(path, f"{type(exc).__name__}: {exc}"[:200], job)
+    return Decoded(
+        job,
+        st.st_size,
+        st.st_mtime_ns,
+        digest,
+        pixels,
+        loaded.width,
+        loaded.height,
+        loaded.format,
+        loaded.taken_at,
+    )

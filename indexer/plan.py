@@ -1,0 +1,85 @@
+"""Diff a scan against the catalog: what to embed, what moved, what was deleted.
+
+A file is known by (path, size, mtime). A new path whose size equals a vanished row's size is
+hashed at once: equal content means the file moved, and its row (and vector) follow it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from retrieval.catalog import ImageRecord, Move
+
+from .scan import FileInfo, ScanProblem
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    info: FileInfo
+    previous: ImageRecord | None = None  # the row this file's new vector replaces
+    force: bool = False  # embed even if the bytes did not change (--reindex)
+
+
+@dataclass
+class Plan:
+    jobs: list[EmbedJob] = field(default_factory=list)
+    moves: list[Move] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    unchanged: int = 0
+    problems: list[ScanProblem] = field(default_factory=list)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_plan(
+    scanned: Iterable[FileInfo | ScanProblem],
+    existing: dict[str, ImageRecord],
+    *,
+    reindex: bool = False,
+    hash_file: Callable[[str], str] = sha256_file,
+) -> Plan:
+    """`existing`: the catalog rows under the scanned roots, by path."""
+    plan = Plan()
+    seen: set[str] = set()
+    new_files: list[FileInfo] = []
+    for item in scanned:
+        if isinstance(item, ScanProblem):
+            plan.problems.append(item)
+            continue
+        seen.add(item.path)
+        record = existing.get(item.path)
+        if record is None:
+            new_files.append(item)
+        elif reindex or (record.size, record.mtime_ns) != (item.size, item.mtime_ns):
+            plan.jobs.append(EmbedJob(item, record, force=reindex))
+        else:
+            plan.unchanged += 1
+
+    vanished: dict[int, list[ImageRecord]] = defaultdict(list)
+    for path, record in existing.items():
+        if path not in seen:
+            vanished[record.size].append(record)
+    for info in new_files:
+        candidates = vanished.get(info.size) if not reindex else None
+        if candidates:
+            try:
+                digest = hash_file(info.path)
+            except OSError:
+                digest = None  # unreadable now: the decode stage reports it
+            match = next((r for r in candidates if r.content_hash == digest), None)
+            if match is not None:
+                candidates.remove(match)
+                plan.moves.append(Move(match.id, info.path, info.size, info.mtime_ns))
+                continue
+        plan.jobs.append(EmbedJob(info))
+    plan.removed = sorted(r.id for rows in vanished.values() for r in rows)
+    return plan

@@ -1,0 +1,312 @@
+"""ImageIndex: one directory holding the catalog, the FAISS file and the writer lock.
+
+Readers never take the lock: they read the last committed catalog state (SQLite WAL) and bring
+the FAISS file in line with it in memory. The one writer (IndexWriter) holds the lock, commits
+catalog rows and vectors together, and saves FAISS at checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .catalog import CATALOG_NAME, Catalog, ImageRecord, Move, NewImage
+from .errors import ClipdexError, IndexNotFoundError, IndexWriteError
+from .hits import Hit
+from .locations import resolve_index_dir
+from .lock import WriterLock
+from .model import ModelSignature, ModelSpec, check_spec_matches
+from .vectors import VECTORS_NAME, ReconcileReport, VectorIndex, reconcile
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .model import ClipModel
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    directory: str
+    model: ModelSignature | None
+    images: int
+    bytes_on_disk: int
+    updated_at: float | None
+
+
+class ImageIndex:
+    """A searchable image index. Open it with `ImageIndex.open(path)`."""
+
+    def __init__(self, directory: Path, catalog: Catalog, device: str = "auto", precision: str = "auto"):
+        self.directory = directory
+        self.catalog = catalog
+        self._device = device
+        self._precision = precision
+        self._model: ClipModel | None = None
+        self._vectors: VectorIndex | None = None
+        raw = catalog.model_signature()
+        self.signature: ModelSignature | None = None if raw is None else ModelSignature.from_dict(raw)
+
+    # -- opening --------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        model: ModelSpec | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+    ) -> ImageIndex:
+        """Open an existing index (default location when `path` is None).
+
+        With `model`, refuses an index built with another model instead of returning garbage.
+        """
+        directory = resolve_index_dir(path)
+        if not (directory / CATALOG_NAME).exists():
+            raise IndexNotFoundError(f"no index at {directory}: build one with 'clipdex index FOLDER'")
+        index = cls(directory, Catalog.open(directory), device, precision)
+        if model is not None and index.signature is not None:
+            check_spec_matches(index.signature, model, f"index {directory}")
+        return index
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str] | None, model: ModelSpec) -> ImageIndex:
+        """Open the index at `path`, creating it for `model` if it does not exist yet."""
+        directory = resolve_index_dir(path)
+        if (directory / CATALOG_NAME).exists():
+            return cls.open(directory, model=model, device=model.device, precision=model.precision)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise IndexWriteError(f"cannot create index folder {directory}: {exc.strerror or exc}") from None
+        return cls(directory, Catalog.open(directory, create=True), model.device, model.precision)
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> ImageIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- model ----------------------------------------------------------------------------
+    @property
+    def model(self) -> ClipModel:
+        """The index's model, loaded on first use."""
+        if self._model is None:
+            if self.signature is None:
+                raise ClipdexError(f"index {self.directory} is empty: index a folder first")
+            self.use_model(self.signature.spec(self._device, self._precision))
+        assert self._model is not None
+        return self._model
+
+    def use_model(self, spec: ModelSpec | ClipModel) -> ClipModel:
+        """Load (or adopt) a model, checking it against the index's record."""
+        from .model import ClipModel
+
+        loaded = spec if isinstance(spec, ClipModel) else None
+        if loaded is None:
+            assert isinstance(spec, ModelSpec)
+            if self.signature is not None:
+                check_spec_matches(self.signature, spec, f"index {self.directory}")
+            loaded = ClipModel(spec)
+        if self.signature is not None:
+            self.signature.check_compatible(loaded.signature, f"index {self.directory}")
+        self._model = loaded
+        return loaded
+
+    @property
+    def dim(self) -> int:
+        if self.signature is None:
+            raise ClipdexError(f"index {self.directory} is empty: index a folder first")
+        return self.signature.dim
+
+    # -- vectors --------------------------------------------------------------------------
+    def vectors(self) -> VectorIndex:
+        """The FAISS index, brought in line with the last committed catalog state."""
+        if self._vectors is None:
+            self._vectors = self._load_vectors()
+        return self._vectors
+
+    def _load_vectors(self) -> VectorIndex:
+        dim = self.dim
+        vectors = VectorIndex.load(self.directory / VECTORS_NAME, dim) or VectorIndex.empty(dim)
+        for _attempt in range(3):
+            try:
+                reconcile(vectors, self.catalog.ids(), lambda ids: self.catalog.vectors(ids, dim))
+                return vectors
+            except KeyError:  # a row was deleted between reading ids and vectors: read again
+                continue
+        raise ClipdexError(f"index {self.directory} keeps changing under this reader; try again")
+
+    def refresh(self) -> None:
+        """See what a concurrent writer committed since the index was opened."""
+        if self._vectors is not None:
+            dim = self.dim
+            reconcile(self._vectors, self.catalog.ids(), lambda ids: self.catalog.vectors(ids, dim))
+
+    # -- queries --------------------------------------------------------------------------
+    def search_vector(
+        self,
+        vector: np.ndarray,
+        k: int = 10,
+        *,
+        allowed_ids: np.ndarray | None = None,
+        exclude_ids: Sequence[int] = (),
+    ) -> list[Hit]:
+        """Top-k images by cosine similarity to `vector` (normalised here)."""
+        if k <= 0:
+            return []
+        q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        if q.shape[1] != self.dim:
+            raise ClipdexError(f"query vector has dimension {q.shape[1]}, the index {self.dim}")
+        norm = float(np.linalg.norm(q))
+        if not np.isfinite(norm) or norm == 0.0:
+            raise ClipdexError("query vector is zero or not finite")
+        q = q / norm
+        vectors = self.vectors()
+        excluded = set(exclude_ids)
+        want = k + len(excluded)
+        while True:
+            scores, ids = vectors.search(q, want, allowed_ids)
+            pairs = [
+                (float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in excluded
+            ]
+            records = self.catalog.records([i for _, i in pairs])
+            # Never trust a FAISS id without its catalog row (deleted since this reader loaded).
+            kept = [(s, i) for s, i in pairs if i in records]
+            exhausted = len(ids[0]) < want or ids[0][-1] < 0 or want >= vectors.ntotal
+            if len(kept) >= k or exhausted:
+                break
+            want *= 2
+        # Ties broken by id so that results (and paging) are deterministic.
+        kept.sort(key=lambda p: (-p[0], p[1]))
+        return [_hit(rank, score, records[i]) for rank, (score, i) in enumerate(kept[:k], start=1)]
+
+    def search_text(self, text: str, k: int = 10) -> list[Hit]:
+        return self.search_vector(self.embed_text(text), k)
+
+    def search_image(
+        self, image: str | os.PathLike[str] | Image.Image, k: int = 10, *, exclude_self: bool = True
+    ) -> list[Hit]:
+        """Images similar to `image` (a path or a PIL image). An indexed query image is left
+        out of its own results unless `exclude_self` is False."""
+        exclude: list[int] = []
+        if exclude_self and not _is_pil(image):
+            record = self.catalog.record_by_path(os.path.abspath(os.fspath(image)))  # type: ignore[arg-type]
+            if record is not None:
+                exclude.append(record.id)
+        return self.search_vector(self.embed_image(image), k, exclude_ids=exclude)
+
+    def embed_text(self, text: str) -> np.ndarray:
+        if not text.strip():
+            raise ClipdexError("empty text query")
+        return self.model.encode_texts([text])[0]
+
+    def embed_image(self, image: str | os.PathLike[str] | Image.Image) -> np.ndarray:
+        from .imageio import load_image
+
+        loaded = load_image(image if _is_pil(image) else os.fspath(image))  # type: ignore[arg-type]
+        return self.model.encode_pil([loaded.image])[0]
+
+    # -- facts ----------------------------------------------------------------------------
+    def info(self) -> IndexInfo:
+        size = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+        updated = self.catalog.get_meta("updated_at")
+        return IndexInfo(
+            directory=str(self.directory),
+            model=self.signature,
+            images=self.catalog.count(),
+            bytes_on_disk=size,
+            updated_at=float(updated) if updated else None,
+        )
+
+    def records(self, ids: Sequence[int] | None = None) -> dict[int, ImageRecord]:
+        return self.catalog.records(ids)
+
+    def writer(self) -> IndexWriter:
+        return IndexWriter(self)
+
+
+class IndexWriter:
+    """The single writer: holds the lock, commits batches, saves FAISS at checkpoints."""
+
+    def __init__(self, index: ImageIndex, checkpoint_seconds: float = 60.0):
+        self.index = index
+        self.lock = WriterLock(index.directory)
+        self.checkpoint_seconds = checkpoint_seconds
+        self._last_save = time.monotonic()
+        self._dirty = False
+
+    def __enter__(self) -> IndexWriter:
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._dirty:
+                self.save()
+        finally:
+            self.lock.release()
+
+    def bind_model(self, model: ClipModel) -> None:
+        """Adopt `model`; an empty index records its signature, a filled one must match it."""
+        index = self.index
+        if index.signature is None:
+            index.catalog.set_model_signature(model.signature.to_dict())
+            index.signature = model.signature
+        index.use_model(model)
+
+    def reconcile(self) -> ReconcileReport:
+        """Bring the FAISS file in line with the catalog after a crash, and save it if needed."""
+        index = self.index
+        vectors = VectorIndex.load(index.directory / VECTORS_NAME, index.dim)
+        missing_file = vectors is None
+        index._vectors = vectors or VectorIndex.empty(index.dim)
+        report = reconcile(
+            index._vectors, index.catalog.ids(), lambda ids: index.catalog.vectors(ids, index.dim)
+        )
+        if report.changed or missing_file:
+            self.save()
+        return report
+
+    def commit(
+        self,
+        added: Sequence[NewImage] = (),
+        moved: Sequence[Move] = (),
+        removed: Sequence[int] = (),
+        touched: Sequence[Move] = (),
+    ) -> list[int]:
+        """One transaction in the catalog, then the same change in FAISS (in memory)."""
+        index = self.index
+        new_ids = index.catalog.commit_changes(added, moved, removed, touched)
+        vectors = index.vectors()
+        vectors.remove(np.asarray(removed, dtype=np.int64))
+        if added:
+            vectors.add(np.asarray(new_ids, dtype=np.int64), np.stack([a.vector for a in added]))
+        if added or removed:
+            self._dirty = True
+        if self._dirty and time.monotonic() - self._last_save >= self.checkpoint_seconds:
+            self.save()
+        return new_ids
+
+    def save(self) -> None:
+        self.index.vectors().save(self.index.directory / VECTORS_NAME)
+        self._last_save = time.monotonic()
+        self._dirty = False
+
+
+def _hit(rank: int, score: float, record: ImageRecord) -> Hit:
+    return Hit(
+        rank=rank, score=score, path=record.path, id=record.id, width=record.width, height=record.height
+    )
+
+
+def _is_pil(obj: object) -> bool:
+    return type(obj).__module__.startswith("PIL.")

@@ -1,0 +1,108 @@
+"""`verify`: check the index's invariants; `repair`: restore them from what is durable.
+
+The catalog (rows and their vectors, committed together) is the truth; the FAISS file is a
+cache of it. Repair therefore rebuilds FAISS from the catalog, and drops only rows whose stored
+vector is malformed, so that the next `clipdex index` embeds those few files again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .store import ImageIndex
+from .vectors import VECTORS_NAME, VectorIndex
+
+NORM_TOLERANCE = 1e-3
+
+
+@dataclass
+class VerifyReport:
+    images: int = 0
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    missing_files: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_index(index: ImageIndex, *, repair: bool = False, check_files: bool = True) -> VerifyReport:
+    report = VerifyReport()
+    catalog = index.catalog
+    if index.signature is None:
+        if catalog.count():
+            report.problems.append("images are indexed but the model record is missing")
+        return report
+    dim = index.dim
+    bad_ids: list[int] = []
+    good_ids: list[np.ndarray] = []
+    good_vecs: list[np.ndarray] = []
+    for ids, blobs in catalog.iter_vectors():
+        for row_id, blob in zip(ids.tolist(), blobs):
+            vec = np.frombuffer(blob, dtype=np.float32) if len(blob) == dim * 4 else None
+            if (
+                vec is None
+                or not np.all(np.isfinite(vec))
+                or abs(float(np.linalg.norm(vec)) - 1.0) > NORM_TOLERANCE
+            ):
+                bad_ids.append(row_id)
+            else:
+                good_ids.append(np.int64(row_id))
+                good_vecs.append(vec)
+    report.images = len(good_ids) + len(bad_ids)
+    if bad_ids:
+        report.problems.append(
+            f"{len(bad_ids)} catalog rows hold a malformed vector (wrong size, not finite or not unit-norm)"
+        )
+
+    catalog_ids = np.asarray(good_ids, dtype=np.int64)
+    stored = VectorIndex.load(index.directory / VECTORS_NAME, dim)
+    faiss_ok = False
+    if stored is None:
+        if report.images:
+            report.problems.append(f"{VECTORS_NAME} is missing or unreadable")
+    else:
+        faiss_ids = stored.ids()
+        extra = np.setdiff1d(faiss_ids, catalog_ids)
+        missing = np.setdiff1d(catalog_ids, faiss_ids)
+        if len(faiss_ids) != len(np.unique(faiss_ids)):
+            report.problems.append("the FAISS index holds an id twice")
+        elif len(extra) or len(missing):
+            report.problems.append(
+                f"FAISS and catalog differ: {len(missing)} ids only in the catalog, "
+                f"{len(extra)} only in FAISS"
+            )
+        else:
+            order = np.argsort(faiss_ids)
+            faiss_vecs = stored.vectors()[order]
+            mine = np.stack(good_vecs)[np.argsort(catalog_ids)] if good_vecs else faiss_vecs
+            if len(mine) and float(np.max(np.abs(faiss_vecs - mine))) > 1e-6:
+                report.problems.append("FAISS vectors differ from the catalog's")
+            else:
+                faiss_ok = True
+
+    if check_files:
+        for record in catalog.records().values():
+            if not os.path.exists(record.path):
+                report.missing_files.append(record.path)
+
+    if repair and report.problems:
+        with index.writer() as writer:
+            if bad_ids:
+                catalog.commit_changes(removed=bad_ids)
+                report.repaired.append(
+                    f"dropped {len(bad_ids)} malformed rows (the next index run embeds them again)"
+                )
+            if not faiss_ok:
+                rebuilt = VectorIndex.empty(dim)
+                if good_vecs:
+                    rebuilt.add(catalog_ids, np.stack(good_vecs))
+                index._vectors = rebuilt
+                writer.save()
+                report.repaired.append(f"rebuilt {VECTORS_NAME} from the catalog ({rebuilt.ntotal} vectors)")
+        report.problems.clear()
+    return report
