@@ -30,6 +30,8 @@ class IndexSummary:
     interrupted: bool = False
     seconds: float = 0.0
     embedded: int = 0
+    model_seconds: float = 0.0  # time inside the model (the caller's thread)
+    decode_seconds: float = 0.0  # reading, decoding and preprocessing, summed over worker threads
 
     @property
     def images_per_second(self) -> float:
@@ -132,7 +134,9 @@ def _embed(
         added: list[NewImage] = []
         replaced: list[int] = list(stale)
         if batch:
+            t0 = time.perf_counter()
             vectors = clip.encode_images(torch.stack([d.pixels for d in batch]))
+            summary.model_seconds += time.perf_counter() - t0
             for d, vec in zip(batch, vectors):
                 added.append(
                     NewImage(
@@ -161,8 +165,17 @@ def _embed(
         stale.clear()
 
     workers = opts.decode_workers or default_decode_workers()
+    decode_time = [0.0]
+
+    def timed_decode(job: EmbedJob) -> Decoded | SameContent | Failed:
+        t0 = time.perf_counter()
+        try:
+            return decode_job(job, clip.preprocess, opts.decode)
+        finally:
+            decode_time[0] += time.perf_counter() - t0  # float += under the GIL: good enough
+
     pool: DecodePool[EmbedJob, Decoded | SameContent | Failed] = DecodePool(
-        lambda job: decode_job(job, clip.preprocess, opts.decode),
+        timed_decode,
         lambda job, secs: Failed(
             job.info.path, f"decoding took over {opts.decode_timeout:g} s; skipped", job
         ),
@@ -187,8 +200,10 @@ def _embed(
                 progress(done + failed_since_progress, total)
             if stop is not None and stop.is_set():
                 summary.interrupted = True
+                summary.decode_seconds = decode_time[0]
                 return
     flush()
+    summary.decode_seconds = decode_time[0]
     if progress:
         progress(total, total)
 
