@@ -12,6 +12,7 @@ from pathlib import Path
 from retrieval.catalog import Move, NewImage
 from retrieval.model import ClipModel, ModelSpec
 from retrieval.store import ImageIndex
+from retrieval.text_encoder import export_onnx_text
 
 from .decode import Decoded, DecodeOptions, Failed, SameContent, decode_job
 from .pipeline import DecodePool
@@ -104,6 +105,8 @@ def index_folders(
                     clip = ClipModel(spec)
                     writer.bind_model(clip)
                 _embed(writer, clip, plan.jobs, opts, summary, progress, stop)
+            if clip is not None and not summary.interrupted:
+                export_onnx_text(index.directory, clip)  # once per index: fast cold text queries
     finally:
         index.close()
     summary.seconds = time.monotonic() - started

@@ -22,6 +22,8 @@ from .hits import Hit
 from .locations import resolve_index_dir
 from .lock import WriterLock
 from .model import ModelSignature, ModelSpec, check_spec_matches
+from .text_encoder import TextFn, load_onnx_text, model_key
+from .textcache import TextCache
 from .vectors import VECTORS_NAME, ReconcileReport, VectorIndex, reconcile
 
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ class ImageIndex:
         self._precision = precision
         self._model: ClipModel | None = None
         self._vectors: VectorIndex | None = None
+        self._text_fn: TextFn | None = None
+        self._text_cache: TextCache | None = None
         raw = catalog.model_signature()
         self.signature: ModelSignature | None = None if raw is None else ModelSignature.from_dict(raw)
 
@@ -87,6 +91,8 @@ class ImageIndex:
         return cls(directory, Catalog.open(directory, create=True), model.device, model.precision)
 
     def close(self) -> None:
+        if self._text_cache is not None:
+            self._text_cache.close()
         self.catalog.close()
 
     def __enter__(self) -> ImageIndex:
@@ -205,9 +211,38 @@ class ImageIndex:
         return self.search_vector(self.embed_image(image), k, exclude_ids=exclude)
 
     def embed_text(self, text: str) -> np.ndarray:
-        if not text.strip():
+        """The query embedding of `text`: from the cache, else the exported ONNX text tower
+        (no torch import), else the torch model."""
+        return self.embed_texts([text])[0]
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts or any(not t.strip() for t in texts):
             raise ClipdexError("empty text query")
-        return self.model.encode_texts([text])[0]
+        if self.signature is None:
+            raise ClipdexError(f"index {self.directory} is empty: index a folder first")
+        if self._text_cache is None:
+            self._text_cache = TextCache(self.directory, model_key(self.signature))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        todo = []
+        for i, text in enumerate(texts):
+            cached = self._text_cache.get(text)
+            if cached is not None and cached.shape == (self.dim,):
+                out[i] = cached
+            else:
+                todo.append(i)
+        if todo:
+            fresh = self._encode_texts([texts[i] for i in todo])
+            for i, vec in zip(todo, fresh):
+                out[i] = vec
+                self._text_cache.put(texts[i], vec)
+        return out
+
+    def _encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if self._model is None and self._text_fn is None:
+            self._text_fn = load_onnx_text(self.directory, self.signature)  # type: ignore[arg-type]
+        if self._model is None and self._text_fn is not None:
+            return self._text_fn(texts)
+        return self.model.encode_texts(texts)
 
     def embed_image(self, image: str | os.PathLike[str] | Image.Image) -> np.ndarray:
         from .imageio import load_image

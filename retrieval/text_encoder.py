@@ -1,0 +1,78 @@
+"""Text queries without torch: the index keeps its model's text tower as ONNX.
+
+A cold `clipdex search` would spend most of its time importing torch and open_clip (seconds).
+When the indexer has the model loaded anyway, it exports the text tower next to the catalog;
+queries then tokenize with retrieval.tokenizer and run that graph with onnxruntime. The export
+is only made when our tokenizer gives the model's own tokens, and the file name carries the
+model's identity, so a stale graph is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .model import ModelSignature
+
+if TYPE_CHECKING:
+    from .model import ClipModel
+
+TextFn = Callable[[Sequence[str]], np.ndarray]
+_PROBES = ["a photo of a dog", "Ünïcode, PUNCTUATION & numbers 42!", "x " * 100]
+
+
+def model_key(signature: ModelSignature) -> str:
+    identity = [signature.arch, signature.weights_id, signature.dim, signature.preprocess]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def onnx_text_path(index_dir: Path, signature: ModelSignature) -> Path:
+    return index_dir / f"text-{model_key(signature)}.onnx"
+
+
+def load_onnx_text(index_dir: Path, signature: ModelSignature) -> TextFn | None:
+    """An embedding function backed by the exported graph, or None if there is none to use."""
+    path = onnx_text_path(index_dir, signature)
+    if not path.is_file():
+        return None
+    try:
+        from .onnx_text import OnnxTextEncoder
+        from .tokenizer import default_tokenizer
+
+        encoder = OnnxTextEncoder(path)
+    except Exception:  # onnxruntime missing or the file unreadable: the torch path still works
+        return None
+    tokenizer = default_tokenizer()
+    return lambda texts: encoder.encode(tokenizer(list(texts), encoder.context_length))
+
+
+def export_onnx_text(index_dir: Path, clip: ClipModel) -> Path | None:
+    """Export `clip`'s text tower for fast queries; None when this model cannot use that path."""
+    path = onnx_text_path(index_dir, clip.signature)
+    if path.is_file():
+        return path
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs it)
+
+        from .onnx_text import export_text_tower
+        from .tokenizer import default_tokenizer
+    except ImportError:
+        return None
+    context_length = int(getattr(clip.model, "context_length", 77))
+    try:
+        theirs = clip.tokenizer(_PROBES).numpy()
+        mine = default_tokenizer()(_PROBES, context_length)
+    except Exception:
+        return None
+    if theirs.shape != mine.shape or not np.array_equal(theirs, mine):
+        return None  # another tokenizer (SigLIP, HF): queries keep using the torch model
+    try:
+        export_text_tower(clip.model, path, context_length)
+    except Exception:
+        return None  # the fast path is an optimisation; indexing must not fail for it
+    return path
