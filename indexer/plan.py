@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from retrieval.catalog import ImageRecord, Move
+from retrieval.catalog import Failure, ImageRecord, Move
 
 from .scan import FileInfo, ScanProblem
 
@@ -30,6 +30,8 @@ class Plan:
     removed: list[int] = field(default_factory=list)
     unchanged: int = 0
     problems: list[ScanProblem] = field(default_factory=list)
+    known_failures: list[Failure] = field(default_factory=list)  # unchanged since they last failed
+    forget_failures: list[str] = field(default_factory=list)  # failure records of vanished files
 
 
 def sha256_file(path: str) -> str:
@@ -44,10 +46,13 @@ def make_plan(
     scanned: Iterable[FileInfo | ScanProblem],
     existing: dict[str, ImageRecord],
     *,
+    failures: dict[str, Failure] | None = None,
     reindex: bool = False,
     hash_file: Callable[[str], str] = sha256_file,
 ) -> Plan:
-    """`existing`: the catalog rows under the scanned roots, by path."""
+    """`existing`: the catalog rows under the scanned roots, by path; `failures`: the recorded
+    failures under those roots (an unchanged file that failed is not tried again, unless reindex)."""
+    failures = failures or {}
     plan = Plan()
     seen: set[str] = set()
     new_files: list[FileInfo] = []
@@ -57,7 +62,19 @@ def make_plan(
             continue
         seen.add(item.path)
         record = existing.get(item.path)
-        if record is None:
+        failure = failures.get(item.path)
+        if (
+            record is None
+            and failure is not None
+            and not reindex
+            and (failure.size, failure.mtime_ns)
+            == (
+                item.size,
+                item.mtime_ns,
+            )
+        ):
+            plan.known_failures.append(failure)
+        elif record is None:
             new_files.append(item)
         elif reindex or (record.size, record.mtime_ns) != (item.size, item.mtime_ns):
             plan.jobs.append(EmbedJob(item, record, force=reindex))
@@ -82,4 +99,5 @@ def make_plan(
                 continue
         plan.jobs.append(EmbedJob(info))
     plan.removed = sorted(r.id for rows in vanished.values() for r in rows)
+    plan.forget_failures = [path for path in failures if path not in seen]
     return plan

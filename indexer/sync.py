@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval.catalog import Move, NewImage
+from retrieval.catalog import Failure, Move, NewImage
+from retrieval.errors import ClipdexError
 from retrieval.model import ClipModel, ModelSpec
 from retrieval.store import ImageIndex
 from retrieval.text_encoder import export_onnx_text
@@ -90,15 +91,17 @@ def index_folders(
                     and index.signature is not None
                     and not index.signature.matches(clip.signature)
                 ):
-                    _forget_everything(index)
+                    _forget_everything(index, root_list)
                 writer.bind_model(clip)
             writer.reconcile()
             existing = {r.path: r for r in index.catalog.records().values() if under_roots(r.path, root_list)}
-            plan = make_plan(scan(root_list), existing, reindex=opts.reindex)
+            failures = {p: f for p, f in index.catalog.failures().items() if under_roots(p, root_list)}
+            plan = make_plan(scan(root_list), existing, failures=failures, reindex=opts.reindex)
             summary.unchanged = plan.unchanged
             summary.failed.extend((p.path, p.reason) for p in plan.problems)
-            if plan.moves or plan.removed:
-                writer.commit(moved=plan.moves, removed=plan.removed)
+            summary.failed.extend((f.path, f.reason) for f in plan.known_failures)
+            if plan.moves or plan.removed or plan.forget_failures:
+                writer.commit(moved=plan.moves, removed=plan.removed, forget_failures=plan.forget_failures)
             summary.moved, summary.removed = len(plan.moves), len(plan.removed)
             if plan.jobs:
                 if clip is None:
@@ -129,10 +132,11 @@ def _embed(
     batch: list[Decoded] = []
     touched: list[Move] = []
     stale: list[int] = []  # rows of changed files that can no longer be read
+    failed: list[Failure] = []
 
     def flush() -> None:
         nonlocal done
-        if not (batch or touched or stale):
+        if not (batch or touched or stale or failed):
             return
         added: list[NewImage] = []
         replaced: list[int] = list(stale)
@@ -156,7 +160,7 @@ def _embed(
                 )
                 if d.job.previous is not None:
                     replaced.append(d.job.previous.id)
-        writer.commit(added=added, removed=replaced, touched=touched)
+        writer.commit(added=added, removed=replaced, touched=touched, failed=failed)
         summary.embedded += len(added)
         summary.updated += sum(1 for d in batch if d.job.previous is not None)
         summary.added += sum(1 for d in batch if d.job.previous is None)
@@ -166,6 +170,7 @@ def _embed(
         batch.clear()
         touched.clear()
         stale.clear()
+        failed.clear()
 
     workers = opts.decode_workers or default_decode_workers()
     decode_time = [0.0]
@@ -195,8 +200,11 @@ def _embed(
         else:
             summary.failed.append((result.path, result.reason))
             failed_since_progress += 1
-            if result.job is not None and result.job.previous is not None:
-                stale.append(result.job.previous.id)
+            if result.job is not None:
+                info = result.job.info
+                failed.append(Failure(info.path, info.size, info.mtime_ns, result.reason))
+                if result.job.previous is not None:
+                    stale.append(result.job.previous.id)
         if len(batch) >= opts.batch_size:
             flush()
             if progress:
@@ -221,8 +229,15 @@ def _open_for_reindex(index_dir, spec: ModelSpec) -> ImageIndex:  # type: ignore
     return ImageIndex.create(directory, spec)
 
 
-def _forget_everything(index: ImageIndex) -> None:
-    """A reindex with another model: vectors of the old model cannot be mixed with the new."""
+def _forget_everything(index: ImageIndex, roots: list[str]) -> None:
+    """A reindex with another model: vectors of the old model cannot be mixed with the new, so
+    every row goes; refused unless `roots` cover all of them (nothing is dropped unasked)."""
+    outside = [r.path for r in index.catalog.records().values() if not under_roots(r.path, roots)]
+    if outside:
+        raise ClipdexError(
+            f"switching models re-embeds the whole index, which also holds {len(outside)} images outside "
+            f"the folders given (e.g. {outside[0]}): pass every indexed folder, or use a new --index"
+        )
     index.catalog.commit_changes(removed=index.catalog.ids().tolist())
     index.catalog.clear_model_signature()
     index.signature = None

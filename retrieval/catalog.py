@@ -75,6 +75,26 @@ class ImageRow(Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class FailureRow(Base):
+    """A file that could not be indexed, as it was then: an unchanged file is not tried again
+    on every run (a library with broken files would otherwise pay for them each time)."""
+
+    __tablename__ = "failures"
+
+    path: Mapped[str] = mapped_column(FsPath, primary_key=True)
+    size: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class Failure:
+    path: str
+    size: int
+    mtime_ns: int
+    reason: str
+
+
 class ModelRow(Base):
     __tablename__ = "model"
 
@@ -197,6 +217,13 @@ class Catalog:
     def close(self) -> None:
         self.engine.dispose()
 
+    def ensure_schema(self) -> None:
+        """Create tables that a later clipdex added (the writer calls this; readers need not)."""
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            raise _write_error(self.path, exc) from None
+
     # -- metadata -------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
         with self.engine.connect() as conn:
@@ -216,6 +243,13 @@ class Catalog:
         with self._write() as conn:
             conn.execute(delete(ModelRow))
             conn.execute(insert(ModelRow).values(id=1, signature=json.dumps(signature, sort_keys=True)))
+
+    def failures(self) -> dict[str, Failure]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(FailureRow.path, FailureRow.size, FailureRow.mtime_ns, FailureRow.reason)
+            )
+            return {r[0]: Failure(*r) for r in rows}
 
     def clear_model_signature(self) -> None:
         with self._write() as conn:
@@ -287,12 +321,15 @@ class Catalog:
         moved: Sequence[Move] = (),
         removed: Sequence[int] = (),
         touched: Sequence[Move] = (),
+        failed: Sequence[Failure] = (),
+        forget_failures: Sequence[str] = (),
     ) -> list[int]:
         """Apply one batch of changes in one transaction; returns the ids given to `added`.
 
         `removed` rows are deleted before `added` rows are inserted, so a changed file can be
         removed and re-added under its path in the same batch. `touched` updates size and
-        mtime of files whose content did not change.
+        mtime of files whose content did not change. `failed` records files that could not be
+        indexed; a path that is indexed now, or gone, leaves that record.
         """
         now = time.time()
         new_ids: list[int] = []
@@ -324,6 +361,18 @@ class Catalog:
                     .returning(ImageRow.id)
                 )
                 new_ids.append(result.scalar_one())
+            settled = [
+                *forget_failures,
+                *(a.path for a in added),
+                *(m.path for m in moved),
+                *(f.path for f in failed),
+            ]
+            for chunk in _chunks(settled, 900):
+                conn.execute(delete(FailureRow).where(FailureRow.path.in_(chunk)))
+            for f in failed:
+                conn.execute(
+                    insert(FailureRow).values(path=f.path, size=f.size, mtime_ns=f.mtime_ns, reason=f.reason)
+                )
             conn.execute(delete(MetaRow).where(MetaRow.key == "updated_at"))
             conn.execute(insert(MetaRow).values(key="updated_at", value=str(now)))
         return new_ids

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .catalog import CATALOG_NAME, Catalog, ImageRecord, Move, NewImage
+from .catalog import CATALOG_NAME, Catalog, Failure, ImageRecord, Move, NewImage
 from .errors import ClipdexError, IndexNotFoundError, IndexWriteError
 from .hits import Hit
 from .locations import resolve_index_dir
@@ -29,7 +29,11 @@ from .vectors import VECTORS_NAME, ReconcileReport, VectorIndex, reconcile
 if TYPE_CHECKING:
     from PIL import Image
 
+    from .duplicates import DuplicateGroup
+    from .filters import Filters
     from .model import ClipModel
+    from .query import Query
+    from .zeroshot import ImageLabels, LabelScore
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,27 @@ class IndexInfo:
     images: int
     bytes_on_disk: int
     updated_at: float | None
+
+
+def resolve_model_spec(
+    path: str | os.PathLike[str] | None,
+    arch: str | None = None,
+    pretrained: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+) -> ModelSpec:
+    """The model to index with: what the user named, else what the index was built with, else
+    the default (ViT-B-32, laion2b_s34b_b79k)."""
+    from .model import DEFAULT_ARCH, DEFAULT_PRETRAINED
+
+    recorded = None
+    directory = resolve_index_dir(path)
+    if (directory / CATALOG_NAME).exists():
+        with ImageIndex.open(directory) as index:
+            recorded = index.signature
+    if recorded is not None and arch in (None, recorded.arch):
+        return ModelSpec(recorded.arch, pretrained or recorded.pretrained, device, precision, recorded.seed)
+    return ModelSpec(arch or DEFAULT_ARCH, pretrained or DEFAULT_PRETRAINED, device, precision)
 
 
 class ImageIndex:
@@ -83,7 +108,9 @@ class ImageIndex:
         """Open the index at `path`, creating it for `model` if it does not exist yet."""
         directory = resolve_index_dir(path)
         if (directory / CATALOG_NAME).exists():
-            return cls.open(directory, model=model, device=model.device, precision=model.precision)
+            index = cls.open(directory, model=model, device=model.device, precision=model.precision)
+            index.catalog.ensure_schema()
+            return index
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -250,6 +277,81 @@ class ImageIndex:
         loaded = load_image(image if _is_pil(image) else os.fspath(image))  # type: ignore[arg-type]
         return self.model.encode_pil([loaded.image])[0]
 
+    # -- query power: combined queries, filters, duplicates, zero-shot labels --------------
+    # Thin entry points; the logic lives in query.py, filters.py, duplicates.py, zeroshot.py.
+    def search_query(
+        self,
+        query: Query | str,
+        k: int = 10,
+        *,
+        filters: Filters | None = None,
+        min_score: float | None = None,
+        within: float | None = None,
+        offset: int = 0,
+        exclude_self: bool = True,
+    ) -> list[Hit]:
+        """Search with a combined query (`Query`, or its compact text form), exact `filters`,
+        score cut-offs and paging. Indexed query images are left out unless `exclude_self`
+        is False."""
+        from .query import run_query
+
+        return run_query(
+            self,
+            query,
+            k,
+            filters=filters,
+            min_score=min_score,
+            within=within,
+            offset=offset,
+            exclude_self=exclude_self,
+        )
+
+    def embed_query(self, query: Query | str) -> np.ndarray:
+        """The unit query vector: normalised weighted sum of the normalised term vectors."""
+        from .query import query_vector
+
+        return query_vector(self, query)
+
+    def embed_labels(
+        self, labels: Sequence[str], *, ensemble: bool = True, templates: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """One unit vector per label (prompt-ensembled unless `ensemble` is False)."""
+        from .query import embed_labels
+
+        return embed_labels(self, labels, ensemble=ensemble, templates=templates)
+
+    def select_ids(self, filters: Filters) -> np.ndarray:
+        """Ids of the images that meet `filters` (for `search_vector(allowed_ids=...)`)."""
+        from .filters import select_ids
+
+        return select_ids(self, filters)
+
+    def duplicates(self, threshold: float = 0.95) -> list[DuplicateGroup]:
+        """Groups of near-duplicates: pairs with cosine above `threshold`, connected."""
+        from .duplicates import find_duplicates
+
+        return find_duplicates(self, threshold)
+
+    def classify(self, labels: Sequence[str], **options: object) -> list[ImageLabels]:
+        """Zero-shot label probabilities per indexed image (see zeroshot.classify)."""
+        from .zeroshot import classify
+
+        return classify(self, labels, **options)  # type: ignore[arg-type]
+
+    def describe(
+        self, image: str | os.PathLike[str] | Image.Image, texts: Sequence[str], **options: object
+    ) -> list[LabelScore]:
+        """Candidate texts ranked for `image`, best first (see zeroshot.describe_image)."""
+        from .zeroshot import describe_image
+
+        return describe_image(self, image, texts, **options)  # type: ignore[arg-type]
+
+    def store_tags(self, results: Sequence[ImageLabels], labels: Sequence[str]) -> int:
+        """Save classify results as tags (the `tags` filter reads them)."""
+        from .zeroshot import store_tags
+
+        return store_tags(self, results, labels)
+
     # -- facts ----------------------------------------------------------------------------
     def info(self) -> IndexInfo:
         size = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
@@ -317,11 +419,15 @@ class IndexWriter:
         moved: Sequence[Move] = (),
         removed: Sequence[int] = (),
         touched: Sequence[Move] = (),
+        failed: Sequence[Failure] = (),
+        forget_failures: Sequence[str] = (),
     ) -> list[int]:
         """One transaction in the catalog, then the same change in FAISS (in memory)."""
         index = self.index
-        new_ids = index.catalog.commit_changes(added, moved, removed, touched)
+        # Load FAISS *before* committing: loading reconciles with the catalog, and would
+        # otherwise add the rows of this very commit a second time below.
         vectors = index.vectors()
+        new_ids = index.catalog.commit_changes(added, moved, removed, touched, failed, forget_failures)
         vectors.remove(np.asarray(removed, dtype=np.int64))
         if added:
             vectors.add(np.asarray(new_ids, dtype=np.int64), np.stack([a.vector for a in added]))

@@ -1,0 +1,229 @@
+"""Shared fixtures: a tiny seeded CLIP model (and checkpoints of it), generated images, tmp dirs.
+
+Nothing here touches the network, the user's cache or data folders, or /work/shared: the
+session points CLIPDEX_CACHE and CLIPDEX_INDEX at temporary folders, and every image is drawn
+with Pillow from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+TINY_ARCH = "clipdex-tiny"
+SIZES = [(96, 72), (64, 64), (120, 80), (72, 128), (200, 150), (48, 96), (160, 160), (90, 60)]
+
+
+# -- images -------------------------------------------------------------------------------
+def make_scene(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """A random RGB picture: a two-colour gradient with a few filled shapes on it."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    c0 = rng.integers(0, 256, 3).astype(np.float64)
+    c1 = rng.integers(0, 256, 3).astype(np.float64)
+    if rng.random() < 0.5:
+        t = np.linspace(0.0, 1.0, w)[None, :, None].repeat(h, axis=0)
+    else:
+        t = np.linspace(0.0, 1.0, h)[:, None, None].repeat(w, axis=1)
+    arr = c0 * (1.0 - t) + c1 * t
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 7))):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        x0, x1 = sorted(int(v) for v in rng.integers(0, w, 2))
+        y0, y1 = sorted(int(v) for v in rng.integers(0, h, 2))
+        x1, y1 = max(x1, x0 + 4), max(y1, y0 + 4)
+        kind = int(rng.integers(0, 3))
+        if kind == 0:
+            draw.ellipse((x0, y0, x1, y1), fill=colour)
+        elif kind == 1:
+            draw.rectangle((x0, y0, x1, y1), fill=colour)
+        else:
+            pts = [(int(rng.integers(0, w)), int(rng.integers(0, h))) for _ in range(3)]
+            draw.polygon(pts, fill=colour)
+    return img
+
+
+def write_scenes(
+    folder: Path, count: int, *, seed0: int = 0, prefix: str = "scene", ext: str = ".png"
+) -> list[Path]:
+    """`count` distinct scenes of various sizes under `folder`; returns their paths in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        p = folder / f"{prefix}{i:03d}{ext}"
+        make_scene(seed0 + i, SIZES[(seed0 + i) % len(SIZES)]).save(p)
+        paths.append(p)
+    return paths
+
+
+def jpeg_bytes(img: Image.Image, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def quadrant_image(w: int = 80, h: int = 48) -> Image.Image:
+    """Four flat quadrants of distinct colours: any rotation or flip changes the picture."""
+    img = Image.new("RGB", (w, h))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 0, w // 2 - 1, h // 2 - 1), fill=(230, 20, 20))
+    draw.rectangle((w // 2, 0, w - 1, h // 2 - 1), fill=(20, 200, 20))
+    draw.rectangle((0, h // 2, w // 2 - 1, h - 1), fill=(20, 20, 230))
+    draw.rectangle((w // 2, h // 2, w - 1, h - 1), fill=(240, 240, 30))
+    return img
+
+
+# -- environment --------------------------------------------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory):
+    """Caches and the default index location go to temporary folders for the whole session."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CLIPDEX_CACHE", str(tmp_path_factory.mktemp("clipdex-cache")))
+    mp.setenv("CLIPDEX_INDEX", str(tmp_path_factory.mktemp("default-index") / "index"))
+    yield
+    mp.undo()
+
+
+# -- the model ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_clip_model():
+    """The seeded random tiny model (64-d). Shared: tests read `images_encoded` as deltas."""
+    from retrieval.model import ClipModel, ModelSpec
+
+    return ClipModel(ModelSpec(TINY_ARCH, "random", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_clip_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's weights as a local checkpoint file (checkpoint 'A')."""
+    import torch
+
+    path = tmp_path_factory.mktemp("ckpt-a") / "tiny-a.pt"
+    torch.save(tiny_clip_model.model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def other_clip_model():
+    """Same architecture, other weights (seed 1)."""
+    from retrieval.model import ClipModel, ModelSpec
+
+    return ClipModel(ModelSpec(TINY_ARCH, "random", device="cpu", seed=1))
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(other_clip_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Checkpoint 'B': same architecture as 'A', different weights."""
+    import torch
+
+    path = tmp_path_factory.mktemp("ckpt-b") / "tiny-b.pt"
+    torch.save(other_clip_model.model.state_dict(), path)
+    return path
+
+
+# -- folders ------------------------------------------------------------------------------
+@pytest.fixture
+def index_dir(tmp_path: Path) -> Path:
+    """A fresh index location for this test (not created yet)."""
+    return tmp_path / "index"
+
+
+@pytest.fixture
+def scene_folder(tmp_path: Path) -> Path:
+    """A folder of 12 distinct PNG scenes of various sizes."""
+    folder = tmp_path / "photos"
+    write_scenes(folder, 12)
+    return folder
+
+
+@pytest.fixture
+def scenes() -> Callable[..., list[Path]]:
+    return write_scenes
+
+
+@pytest.fixture
+def scene() -> Callable[..., Image.Image]:
+    return make_scene
+
+
+@pytest.fixture
+def near_duplicates(tmp_path: Path) -> list[tuple[Path, Path]]:
+    """Pairs (scene, the same scene resized to 60%)."""
+    folder = tmp_path / "dups"
+    folder.mkdir()
+    pairs = []
+    for i in range(4):
+        img = make_scene(100 + i, (160, 120))
+        a, b = folder / f"dup{i}.png", folder / f"dup{i}_small.png"
+        img.save(a)
+        img.resize((96, 72), Image.Resampling.LANCZOS).save(b)
+        pairs.append((a, b))
+    return pairs
+
+
+@pytest.fixture
+def format_files(tmp_path: Path) -> dict[str, Path]:
+    """One scene saved in each base format, by Pillow format name."""
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    img = make_scene(7, (120, 80))
+    out = {}
+    for fmt, ext, kw in [
+        ("JPEG", ".jpg", {"quality": 95}),
+        ("PNG", ".png", {}),
+        ("WEBP", ".webp", {"quality": 95}),
+        ("GIF", ".gif", {}),
+        ("BMP", ".bmp", {}),
+        ("TIFF", ".tiff", {}),
+    ]:
+        p = folder / f"scene{ext}"
+        img.save(p, fmt, **kw)
+        out[fmt] = p
+    return out
+
+
+@pytest.fixture
+def exif_rotated(tmp_path: Path) -> tuple[Path, Path]:
+    """(JPEG stored sideways with EXIF orientation 6, the same picture stored upright)."""
+    upright = quadrant_image(80, 48)
+    # Orientation 6: the viewer turns the stored picture 90 degrees clockwise, so store it
+    # turned 90 degrees counter-clockwise.
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated_path, upright_path = tmp_path / "rotated.jpg", tmp_path / "upright.jpg"
+    stored.save(rotated_path, "JPEG", quality=95, exif=exif.tobytes())
+    upright.save(upright_path, "JPEG", quality=95)
+    return rotated_path, upright_path
+
+
+@pytest.fixture
+def broken_files(tmp_path: Path) -> dict[str, Path]:
+    """A zero-byte file, a truncated JPEG and a text file, all named .jpg."""
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    empty = folder / "empty.jpg"
+    empty.write_bytes(b"")
+    data = jpeg_bytes(make_scene(3, (200, 150)), quality=90)
+    truncated = folder / "truncated.jpg"
+    truncated.write_bytes(data[: len(data) // 2])
+    text = folder / "notes.jpg"
+    text.write_text("this is not a picture\n")
+    return {"empty": empty, "truncated": truncated, "text": text}
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def set_mtime(path: Path | str, mtime_ns: int) -> None:
+    os.utime(path, ns=(mtime_ns, mtime_ns))

@@ -1,0 +1,174 @@
+"""The SQLite catalog: exact path bytes, atomic batches, ids never reused."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from sqlalchemy import insert, update
+
+from retrieval.catalog import CATALOG_NAME, Catalog, ImageRow, Move, NewImage
+from retrieval.errors import ClipdexError
+
+
+def unit(seed: int, dim: int = 8) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def new(path: str, seed: int = 0, size: int = 100, dim: int = 8) -> NewImage:
+    return NewImage(path, size, 1_000 + seed, f"hash{seed}", 10, 20, "PNG", None, unit(seed, dim))
+
+
+@pytest.fixture
+def catalog(index_dir):
+    index_dir.mkdir()
+    cat = Catalog.open(index_dir, create=True)
+    yield cat
+    cat.close()
+
+
+def test_open_requires_create_for_a_new_catalog(index_dir):
+    index_dir.mkdir()
+    with pytest.raises(ClipdexError):
+        Catalog.open(index_dir)
+    assert not (index_dir / CATALOG_NAME).exists()
+    cat = Catalog.open(index_dir, create=True)
+    assert cat.get_meta("schema_version") == "1"
+    assert cat.count() == 0 and cat.model_signature() is None
+    cat.close()
+    Catalog.open(index_dir).close()  # now it exists
+
+
+def test_newer_schema_is_refused(catalog, index_dir):
+    catalog.set_meta("schema_version", "999")
+    with pytest.raises(ClipdexError, match="schema version 999"):
+        Catalog.open(index_dir)
+
+
+def test_non_utf8_paths_round_trip(catalog):
+    raw = [b"/photos/caf\xe9.jpg", b"/photos/\xff\xfe/x.png", "/photos/東京.jpg".encode()]
+    paths = [os.fsdecode(b) for b in raw]
+    ids = catalog.commit_changes(added=[new(p, i) for i, p in enumerate(paths)])
+    records = catalog.records()
+    assert sorted(os.fsencode(r.path) for r in records.values()) == sorted(raw)
+    for row_id, path, b in zip(ids, paths, raw):
+        rec = catalog.record_by_path(path)
+        assert rec is not None and rec.id == row_id and os.fsencode(rec.path) == b
+    # stored as the exact bytes, not as text with replacement characters
+    with catalog.engine.connect() as conn:
+        stored = conn.exec_driver_sql("SELECT path FROM images ORDER BY id").scalars().all()
+    assert stored == raw
+    # a move to another undecodable name keeps the bytes too
+    target = os.fsdecode(b"/photos/moved-\xe9.jpg")
+    catalog.commit_changes(moved=[Move(ids[0], target, 100, 5)])
+    assert os.fsencode(catalog.record_by_path(target).path) == b"/photos/moved-\xe9.jpg"
+
+
+def test_commit_returns_increasing_ids_that_are_never_reused(catalog):
+    ids = catalog.commit_changes(added=[new("/a.jpg", 0), new("/b.jpg", 1)])
+    assert ids == sorted(ids) and len(set(ids)) == 2
+    catalog.commit_changes(removed=[ids[1]])
+    (again,) = catalog.commit_changes(added=[new("/b.jpg", 1)])
+    assert again > max(ids)
+    assert catalog.ids().tolist() == [ids[0], again]
+
+
+def test_remove_and_add_same_path_in_one_batch(catalog):
+    (old,) = catalog.commit_changes(added=[new("/a.jpg", 0)])
+    (fresh,) = catalog.commit_changes(added=[new("/a.jpg", 5)], removed=[old])
+    assert catalog.count() == 1
+    rec = catalog.record_by_path("/a.jpg")
+    assert rec.id == fresh != old and rec.content_hash == "hash5"
+
+
+def test_failed_batch_leaves_nothing(catalog):
+    keep = catalog.commit_changes(added=[new("/keep.jpg", 0), new("/gone.jpg", 1)])
+    updated_at = catalog.get_meta("updated_at")
+    with pytest.raises(Exception):  # noqa: B017 - the duplicate path makes the 3rd insert fail
+        catalog.commit_changes(
+            added=[new("/x.jpg", 2), new("/y.jpg", 3), new("/x.jpg", 4)],
+            removed=[keep[1]],
+            moved=[Move(keep[0], "/renamed.jpg", 1, 1)],
+        )
+    assert catalog.count() == 2
+    assert catalog.ids().tolist() == keep
+    assert catalog.record_by_path("/x.jpg") is None and catalog.record_by_path("/renamed.jpg") is None
+    assert catalog.record_by_path("/keep.jpg").id == keep[0]
+    assert catalog.get_meta("updated_at") == updated_at
+    # the failure did not leave the catalog unusable
+    assert len(catalog.commit_changes(added=[new("/x.jpg", 2)])) == 1
+
+
+def test_exception_inside_a_write_rolls_back(catalog):
+    with pytest.raises(RuntimeError), catalog._write() as conn:
+        conn.execute(insert(ImageRow).values(
+            path="/p.jpg", size=1, mtime_ns=1, content_hash="h", width=1, height=1,
+            format=None, taken_at=None, indexed_at=0.0, vector=unit(0).tobytes(),
+        ))
+        raise RuntimeError("boom")
+    assert catalog.count() == 0
+    (row_id,) = catalog.commit_changes(added=[new("/p.jpg", 0)])
+    with pytest.raises(RuntimeError), catalog._write() as conn:
+        conn.execute(update(ImageRow).where(ImageRow.id == row_id).values(path="/q.jpg"))
+        raise RuntimeError("boom")
+    assert catalog.record_by_path("/p.jpg").id == row_id
+
+
+def test_moved_and_touched_rows_keep_id_and_vector(catalog):
+    a, b = catalog.commit_changes(added=[new("/a.jpg", 0), new("/b.jpg", 1)])
+    before = catalog.vectors([a, b], 8)
+    catalog.commit_changes(moved=[Move(a, "/sub/a2.jpg", 100, 77)], touched=[Move(b, "/b.jpg", 101, 88)])
+    assert catalog.record_by_path("/a.jpg") is None
+    ra, rb = catalog.record_by_path("/sub/a2.jpg"), catalog.record_by_path("/b.jpg")
+    assert (ra.id, ra.mtime_ns) == (a, 77)
+    assert (rb.id, rb.size, rb.mtime_ns, rb.content_hash) == (b, 101, 88, "hash1")
+    np.testing.assert_array_equal(catalog.vectors([a, b], 8), before)
+
+
+def test_vectors_in_requested_order_and_unknown_id_raises(catalog):
+    ids = catalog.commit_changes(added=[new(f"/{i}.jpg", i) for i in range(4)])
+    got = catalog.vectors([ids[3], ids[0], ids[2]], 8)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.stack([unit(3), unit(0), unit(2)]))
+    with pytest.raises(KeyError):
+        catalog.vectors([ids[0], 12345], 8)
+
+
+def test_large_batches_are_chunked(catalog):
+    ids = catalog.commit_changes(added=[new(f"/many/{i}.jpg", i, dim=4) for i in range(1000)])
+    assert len(ids) == 1000 and catalog.count() == 1000  # over the 900-id chunks used in queries
+    assert len(catalog.records(ids)) == 1000
+    vecs = catalog.vectors(ids, 4)
+    np.testing.assert_array_equal(vecs[934], unit(934, 4))
+    seen = np.concatenate([i for i, _ in catalog.iter_vectors(batch=300)])
+    assert seen.tolist() == ids
+    catalog.commit_changes(removed=ids[::2])
+    assert catalog.ids().tolist() == ids[1::2]
+
+
+def test_records_of_some_ids(catalog):
+    ids = catalog.commit_changes(added=[new(f"/{i}.jpg", i) for i in range(3)])
+    recs = catalog.records([ids[1], 999])
+    assert list(recs) == [ids[1]]
+    rec = recs[ids[1]]
+    assert (rec.path, rec.size, rec.width, rec.height, rec.format) == ("/1.jpg", 100, 10, 20, "PNG")
+
+
+def test_model_signature_set_replace_clear(catalog):
+    catalog.set_model_signature({"arch": "a", "dim": 8})
+    catalog.set_model_signature({"arch": "b", "dim": 16})
+    assert catalog.model_signature() == {"arch": "b", "dim": 16}
+    catalog.clear_model_signature()
+    assert catalog.model_signature() is None
+
+
+def test_readers_see_commits_of_another_connection(catalog, index_dir):
+    reader = Catalog.open(index_dir)
+    try:
+        assert reader.count() == 0
+        catalog.commit_changes(added=[new("/a.jpg")])
+        assert reader.count() == 1
+    finally:
+        reader.close()
