@@ -16,10 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import ftfy
 import numpy as np
 import regex
+
+if TYPE_CHECKING:
+    from functools import _CacheInfo
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 DEFAULT_CONTEXT_LENGTH = 77
@@ -132,10 +135,21 @@ def _read_merges(path: Path) -> list[str]:
     return lines
 
 
+# Text that ftfy.fix_text returns unchanged: ASCII without '&' (HTML entities) and without control
+# characters other than tab and newline (ftfy turns \r into \n). Every other fix of ftfy needs a
+# non-ASCII character; tests/test_tokenizer.py checks the claim on every pair of such characters and
+# on random strings. Most queries are such text, and skipping ftfy for them skips importing it.
+_FTFY_NOOP = regex.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
+
+
 def clean(text: str) -> str:
     """open_clip's 'lower' cleaning: repair mojibake, unescape HTML (twice, for double-escaped
     text), collapse whitespace, lowercase."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    if not _FTFY_NOOP.fullmatch(text):
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
     return " ".join(text.split()).lower()
 
 
@@ -153,7 +167,7 @@ class ClipTokenizer:
         # Per instance rather than a decorated method, so the cache does not keep `self` alive.
         self._word_ids = lru_cache(maxsize=cache_size)(self._bpe)
 
-    def cache_info(self):  # type: ignore[no-untyped-def]
+    def cache_info(self) -> _CacheInfo:
         """Hits and misses of the per-word BPE cache."""
         return self._word_ids.cache_info()
 

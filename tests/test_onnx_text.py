@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from retrieval.onnx_text import OnnxTextEncoder, export_text_tower  # noqa: E402
+from retrieval.onnx_text import OnnxTextEncoder, export_text_tower, weight_files  # noqa: E402
 from retrieval.tokenizer import ClipTokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """The tiny model and its text tower exported the default way (optimized, weights apart)."""
     from retrieval.model import ClipModel, ModelSpec
 
     model = ClipModel(ModelSpec("clipdex-tiny", "random", device="cpu"))
@@ -51,18 +53,35 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
     return model, path
 
 
-def test_onnx_matches_torch(tiny) -> None:  # type: ignore[no-untyped-def]
-    model, path = tiny
-    encoder = OnnxTextEncoder(path)
-    ours = encoder.encode(ClipTokenizer()(TEXTS))
-    theirs = model.encode_texts(TEXTS)
-    assert ours.dtype == np.float32 and ours.shape == theirs.shape == (len(TEXTS), model.dim)
+def _assert_same_embeddings(ours: np.ndarray, theirs: np.ndarray) -> None:
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() < 1e-5
     assert (ours * theirs).sum(axis=1).min() > 0.99999
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
-def test_batch_axis_is_dynamic(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_onnx_matches_torch(tiny: tuple[Any, Path]) -> None:
+    model, path = tiny
+    assert len(weight_files(path)) == 1
+    encoder = OnnxTextEncoder(path)
+    assert encoder.dim == model.dim
+    _assert_same_embeddings(encoder.encode(ClipTokenizer()(TEXTS)), model.encode_texts(TEXTS))
+
+
+def test_plain_export_matches_torch(tiny: tuple[Any, Path], tmp_path: Path) -> None:
+    """optimize=False: one self-contained file, optimized when the session starts instead."""
+    model, _ = tiny
+    path = tmp_path / "plain.onnx"
+    export_text_tower(model.model, path, context_length=77, optimize=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["plain.onnx"]
+    tokens = ClipTokenizer()(TEXTS)
+    for level in ("all", "disable"):
+        _assert_same_embeddings(
+            OnnxTextEncoder(path, optimization=level).encode(tokens), model.encode_texts(TEXTS)
+        )
+
+
+def test_batch_axis_is_dynamic(tiny: tuple[Any, Path]) -> None:
     _, path = tiny
     encoder = OnnxTextEncoder(path, threads=1)
     tokens = ClipTokenizer()(TEXTS)
@@ -72,33 +91,42 @@ def test_batch_axis_is_dynamic(tiny) -> None:  # type: ignore[no-untyped-def]
     assert encoder.context_length == 77
 
 
-def test_session_options(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_session_options(tiny: tuple[Any, Path]) -> None:
     _, path = tiny
     tokens = ClipTokenizer()(TEXTS[:3])
     reference = OnnxTextEncoder(path).encode(tokens)
-    for level in ("disable", "basic", "extended"):
-        np.testing.assert_allclose(OnnxTextEncoder(path, 1, level).encode(tokens), reference, atol=1e-5)
+    for level in ("basic", "extended", "all"):
+        for prepack in (False, True):
+            encoder = OnnxTextEncoder(path, 2, optimization=level, prepack=prepack)
+            np.testing.assert_allclose(encoder.encode(tokens), reference, atol=1e-5)
     with pytest.raises(ValueError, match="optimization"):
         OnnxTextEncoder(path, optimization="fastest")
 
 
-def test_bad_token_shape(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_bad_token_shape(tiny: tuple[Any, Path]) -> None:
     _, path = tiny
     with pytest.raises(ValueError, match="shape"):
         OnnxTextEncoder(path).encode(np.zeros((2, 10), np.int64))
 
 
-def test_export_is_atomic_and_leaves_no_temp_files(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_reexport_replaces_and_cleans_up(tiny: tuple[Any, Path], tmp_path: Path) -> None:
     model, _ = tiny
-    target = tmp_path / "sub" / "text.onnx"
-    target.parent.mkdir()
+    target = tmp_path / "text.onnx"
     target.write_bytes(b"old")
     export_text_tower(model.model, target, context_length=77)
-    assert [p.name for p in target.parent.iterdir()] == ["text.onnx"]
+    first = weight_files(target)
+    export_text_tower(model.model, target, context_length=77)
+    second = weight_files(target)
+    assert len(first) == len(second) == 1 and first != second  # new weights file, old one removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["text.onnx", second[0].name]
+    )  # no temp files
     assert OnnxTextEncoder(target).dim == model.dim
+    export_text_tower(model.model, target, context_length=77, optimize=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["text.onnx"]
 
 
-def test_running_does_not_import_torch(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_running_does_not_import_torch(tiny: tuple[Any, Path]) -> None:
     _, path = tiny
     code = (
         "import sys\n"

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from retrieval.tokenizer import ClipTokenizer, default_tokenizer, find_vocab_file
+from retrieval.tokenizer import _FTFY_NOOP, ClipTokenizer, default_tokenizer, find_vocab_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,12 +168,34 @@ def test_default_tokenizer_is_shared() -> None:
     assert find_vocab_file().is_file()
 
 
+def test_ftfy_is_skipped_only_where_it_changes_nothing() -> None:
+    """clean() skips ftfy.fix_text for text _FTFY_NOOP matches; that must be text ftfy returns as is."""
+    ftfy = pytest.importorskip("ftfy")
+    plain = "".join(chr(c) for c in range(128) if _FTFY_NOOP.fullmatch(chr(c)))
+    assert "&" not in plain and "\x1b" not in plain and "\x00" not in plain and "\x7f" not in plain
+    rng = random.Random(7)
+    words = ["'s", "&", "#39;", "lt;", "<b>", "</b>", "\r\n", "\r", "  ", "\t", "--", "``", "''", "...", "Ã"]
+    texts = [a + b for a in plain for b in plain]  # every pair of characters
+    for _ in range(3000):
+        texts.append(
+            "".join(rng.choice(words) if rng.random() < 0.3 else rng.choice(plain) for _ in range(30))
+        )
+    skipped = [t for t in texts if _FTFY_NOOP.fullmatch(t)]
+    assert len(skipped) > len(plain) ** 2  # pairs, plus random texts without '&' or 'Ã'
+    changed = [t for t in skipped if ftfy.fix_text(t) != t]
+    assert not changed, f"ftfy changes {len(changed)} skipped texts, e.g. {changed[:3]!r}"
+
+
 def test_import_does_not_load_torch() -> None:
     code = (
         "import retrieval.tokenizer, sys\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'open_clip' not in sys.modules, 'open_clip imported'\n"
-        "retrieval.tokenizer.ClipTokenizer()(['a dog'])\n"
+        "tok = retrieval.tokenizer.ClipTokenizer()\n"
+        "tok(['a photo of a dog'])\n"
+        "assert 'ftfy' not in sys.modules, 'ftfy imported for plain ASCII'\n"
+        "tok(['a caf\\u00e9'])\n"
+        "assert 'ftfy' in sys.modules, 'ftfy not used for non-ASCII'\n"
         "assert 'torch' not in sys.modules, 'torch imported by tokenizing'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
