@@ -53,12 +53,20 @@ def index(
     folders: Annotated[list[Path], typer.Argument(help="Folders (or image files) to index.")],
     index_dir: IndexOpt = None,
     model: Annotated[
-        str, typer.Option("--model", "-m", help="open_clip architecture or config .json.")
-    ] = "ViT-B-32",
+        str | None,
+        typer.Option(
+            "--model", "-m", help="open_clip architecture or .json config [default: the index's or ViT-B-32]"
+        ),
+    ] = None,
     pretrained: Annotated[
-        str,
-        typer.Option("--pretrained", "-p", help="Pretrained tag, local checkpoint file/folder, or 'random'."),
-    ] = "laion2b_s34b_b79k",
+        str | None,
+        typer.Option(
+            "--pretrained",
+            "-p",
+            help="Pretrained tag, local checkpoint file/folder, or 'random' "
+            "[default: the index's, else laion2b_s34b_b79k].",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
@@ -80,9 +88,9 @@ def index(
     """Index image folders (incremental: only new and changed files are embedded)."""
     from indexer import IndexOptions, index_folders
     from indexer.decode import DecodeOptions
-    from retrieval.model import ModelSpec
+    from retrieval.store import resolve_model_spec
 
-    spec = ModelSpec(model, pretrained, device, precision)
+    spec = resolve_model_spec(index_dir, model, pretrained, device, precision)
     options = IndexOptions(
         batch_size=batch_size,
         decode_workers=workers,
@@ -149,22 +157,155 @@ class _ProgressBar:
             self._bar.close()
 
 
+# -- query power: options shared by search, similar and classify ---------------------------
+PlusOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--plus", metavar="TERM", help="Add a term: a text or an image path ('W:TERM': weight W). Repeatable."
+    ),
+]
+MinusOpt = Annotated[
+    list[str] | None,
+    typer.Option("--minus", metavar="TERM", help="Subtract a term (text or image path). Repeatable."),
+]
+TemplatesOpt = Annotated[
+    Path | None,
+    typer.Option("--templates", help="Prompt templates, one a line with {} (implies --ensemble)."),
+]
+InOpt = Annotated[
+    list[Path] | None, typer.Option("--in", metavar="DIR", help="Only images under DIR. Repeatable.")
+]
+GlobOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--glob",
+        metavar="PATTERN",
+        help="Only paths matching PATTERN (on the file name when it has no '/'). Repeatable.",
+    ),
+]
+AfterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--after", metavar="DATE", help="Taken on or after DATE (YYYY-MM-DD[THH:MM]; EXIF date, else mtime)."
+    ),
+]
+BeforeOpt = Annotated[str | None, typer.Option("--before", metavar="DATE", help="Taken before DATE.")]
+TypeOpt = Annotated[
+    str | None, typer.Option("--type", metavar="TYPES", help="File types, comma-separated: jpeg,png,webp,...")
+]
+MinWidthOpt = Annotated[int | None, typer.Option("--min-width", min=0, help="Minimum width in pixels.")]
+MinHeightOpt = Annotated[int | None, typer.Option("--min-height", min=0, help="Minimum height in pixels.")]
+TagOpt = Annotated[
+    list[str] | None,
+    typer.Option("--tag", metavar="LABEL", help="Only images tagged LABEL (classify --store). Repeatable."),
+]
+MinScoreOpt = Annotated[float | None, typer.Option("--min-score", help="Drop hits below this cosine.")]
+WithinOpt = Annotated[
+    float | None, typer.Option("--within", min=0.0, help="Keep hits within this margin of the best score.")
+]
+OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="Skip this many hits (paging).")]
+PreviewOpt = Annotated[
+    bool, typer.Option("--preview", help="Inline thumbnails in kitty and iTerm2 (ignored elsewhere).")
+]
+
+
+def _filters(
+    folders: list[Path] | None,
+    globs: list[str] | None,
+    after: str | None,
+    before: str | None,
+    types: str | None,
+    min_width: int | None,
+    min_height: int | None,
+    tags: list[str] | None = None,
+):  # type: ignore[no-untyped-def]
+    from retrieval.filters import Filters, parse_date, parse_formats
+
+    return Filters(
+        folders=tuple(str(f) for f in folders or ()),
+        globs=tuple(globs or ()),
+        after=None if after is None else parse_date(after, "--after"),
+        before=None if before is None else parse_date(before, "--before"),
+        formats=() if types is None else parse_formats(types),
+        min_width=min_width,
+        min_height=min_height,
+        tags=tuple(tags or ()),
+    )
+
+
+def _templates(templates: Path | None):  # type: ignore[no-untyped-def]
+    from retrieval.query import load_templates
+
+    return None if templates is None else load_templates(templates)
+
+
+def _add_terms(query, plus: list[str] | None, minus: list[str] | None):  # type: ignore[no-untyped-def]
+    from retrieval.query import Term
+
+    for value in plus or ():
+        query = query.plus(Term.parse(value))
+    for value in minus or ():
+        query = query.minus(Term.parse(value))
+    return query
+
+
 @app.command()
 def search(
-    text: Annotated[str, typer.Argument(help="What to look for.")],
+    text: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="QUERY",
+            help="What to look for: a text, an image path, or terms joined by ' + ' / ' - ' "
+            "with optional 'W:' weights, e.g. '\"2:golden retriever\" + ./pool.jpg - people'.",
+        ),
+    ],
     k: KOpt = 10,
     index_dir: IndexOpt = None,
     device: DeviceOpt = "auto",
+    plus: PlusOpt = None,
+    minus: MinusOpt = None,
+    ensemble: Annotated[
+        bool, typer.Option("--ensemble", help="Embed texts through many prompt templates and average.")
+    ] = False,
+    templates: TemplatesOpt = None,
+    folders: InOpt = None,
+    globs: GlobOpt = None,
+    after: AfterOpt = None,
+    before: BeforeOpt = None,
+    types: TypeOpt = None,
+    min_width: MinWidthOpt = None,
+    min_height: MinHeightOpt = None,
+    tags: TagOpt = None,
+    min_score: MinScoreOpt = None,
+    within: WithinOpt = None,
+    offset: OffsetOpt = 0,
+    include_self: Annotated[
+        bool, typer.Option("--include-self", help="Keep indexed query images in the results.")
+    ] = False,
+    preview: PreviewOpt = False,
     json_: JsonOpt = False,
     jsonl: JsonlOpt = False,
     paths: PathsOpt = False,
 ) -> None:
-    """Find images that match a text."""
+    """Find images that match a text (or a combination of texts and images)."""
+    from retrieval.query import Query
     from retrieval.store import ImageIndex
 
+    tpl = _templates(templates)
+    query = Query.parse_argv(text, ensemble=ensemble or tpl is not None, templates=tpl)
+    query = _add_terms(query, plus, minus)
+    filters = _filters(folders, globs, after, before, types, min_width, min_height, tags)
     with ImageIndex.open(index_dir, device=device) as idx:
-        hits = idx.search_text(text, k)
-    print_hits(hits, _fmt(json_, jsonl, paths))
+        hits = idx.search_query(
+            query,
+            k,
+            filters=filters,
+            min_score=min_score,
+            within=within,
+            offset=offset,
+            exclude_self=not include_self,
+        )
+    print_hits(hits, _fmt(json_, jsonl, paths), preview=preview)
 
 
 @app.command()
@@ -176,16 +317,166 @@ def similar(
         bool, typer.Option("--include-self", help="Keep the query image in its results.")
     ] = False,
     device: DeviceOpt = "auto",
+    plus: PlusOpt = None,
+    minus: MinusOpt = None,
+    folders: InOpt = None,
+    globs: GlobOpt = None,
+    after: AfterOpt = None,
+    before: BeforeOpt = None,
+    types: TypeOpt = None,
+    min_width: MinWidthOpt = None,
+    min_height: MinHeightOpt = None,
+    tags: TagOpt = None,
+    min_score: MinScoreOpt = None,
+    within: WithinOpt = None,
+    offset: OffsetOpt = 0,
+    preview: PreviewOpt = False,
     json_: JsonOpt = False,
     jsonl: JsonlOpt = False,
     paths: PathsOpt = False,
 ) -> None:
     """Find images that look like IMAGE."""
+    from retrieval.query import Query
     from retrieval.store import ImageIndex
 
+    query = _add_terms(Query.image(image), plus, minus)
+    filters = _filters(folders, globs, after, before, types, min_width, min_height, tags)
     with ImageIndex.open(index_dir, device=device) as idx:
-        hits = idx.search_image(image, k, exclude_self=not include_self)
-    print_hits(hits, _fmt(json_, jsonl, paths))
+        hits = idx.search_query(
+            query,
+            k,
+            filters=filters,
+            min_score=min_score,
+            within=within,
+            offset=offset,
+            exclude_self=not include_self,
+        )
+    print_hits(hits, _fmt(json_, jsonl, paths), preview=preview)
+
+
+@app.command()
+def duplicates(
+    threshold: Annotated[
+        float,
+        typer.Option(
+            "--threshold", "-t", min=-1.0, max=1.0, help="Cosine above which two images are duplicates."
+        ),
+    ] = 0.95,
+    index_dir: IndexOpt = None,
+    preview: PreviewOpt = False,
+    json_: JsonOpt = False,
+    jsonl: JsonlOpt = False,
+    paths: PathsOpt = False,
+) -> None:
+    """Groups of near-duplicate images, largest first."""
+    from retrieval.store import ImageIndex
+
+    from .output import print_duplicates
+
+    with ImageIndex.open(index_dir) as idx:
+        groups = idx.duplicates(threshold)
+    print_duplicates(groups, _fmt(json_, jsonl, paths), preview=preview)
+
+
+LabelsOpt = Annotated[
+    str | None,
+    typer.Option("--labels", "-l", help="Comma-separated labels, or a file with one label (or text) a line."),
+]
+LabelsFileOpt = Annotated[Path | None, typer.Option("--labels-file", help="A file with one label a line.")]
+
+
+def _labels(labels: str | None, labels_file: Path | None) -> list[str]:
+    import os
+
+    from retrieval.zeroshot import parse_labels, read_labels
+
+    out: list[str] = []
+    if labels is not None:
+        out += read_labels(labels) if os.path.isfile(labels) else parse_labels(labels)
+    if labels_file is not None:
+        out += read_labels(labels_file)
+    if not out:
+        raise ClipdexError("no labels: give --labels cat,dog,... or --labels-file FILE")
+    return list(dict.fromkeys(out))
+
+
+@app.command()
+def classify(
+    labels: LabelsOpt = None,
+    labels_file: LabelsFileOpt = None,
+    index_dir: IndexOpt = None,
+    device: DeviceOpt = "auto",
+    ensemble: Annotated[
+        bool, typer.Option("--ensemble/--no-ensemble", help="Embed labels through prompt templates.")
+    ] = True,
+    templates: TemplatesOpt = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="Labels kept per image.")] = 1,
+    min_prob: Annotated[
+        float, typer.Option("--min-prob", min=0.0, max=1.0, help="Drop labels below this probability.")
+    ] = 0.0,
+    store: Annotated[
+        bool, typer.Option("--store", help="Save the labels shown as tags (for 'search --tag LABEL').")
+    ] = False,
+    folders: InOpt = None,
+    globs: GlobOpt = None,
+    after: AfterOpt = None,
+    before: BeforeOpt = None,
+    types: TypeOpt = None,
+    min_width: MinWidthOpt = None,
+    min_height: MinHeightOpt = None,
+    json_: JsonOpt = False,
+    jsonl: JsonlOpt = False,
+) -> None:
+    """Zero-shot labels for every indexed image: softmax over the labels' text embeddings."""
+    from retrieval.store import ImageIndex
+
+    from .output import print_labels
+
+    names = _labels(labels, labels_file)
+    filters = _filters(folders, globs, after, before, types, min_width, min_height)
+    with ImageIndex.open(index_dir, device=device) as idx:
+        results = idx.classify(
+            names,
+            ensemble=ensemble or templates is not None,
+            templates=_templates(templates),
+            filters=filters,
+            top=top,
+            min_probability=min_prob,
+        )
+        stored = idx.store_tags(results, names) if store else None
+    print_labels(results, _fmt(json_, jsonl, False))
+    if stored is not None:
+        print(f"stored {stored} tags on {len(results)} images", file=sys.stderr)
+
+
+@app.command()
+def describe(
+    image: Annotated[Path, typer.Argument(help="An image file, indexed or not.")],
+    labels: LabelsOpt = None,
+    labels_file: LabelsFileOpt = None,
+    k: Annotated[
+        int | None, typer.Option("-k", "--top", min=1, help="Number of texts (default all).")
+    ] = None,
+    index_dir: IndexOpt = None,
+    device: DeviceOpt = "auto",
+    ensemble: Annotated[
+        bool, typer.Option("--ensemble/--no-ensemble", help="Embed the texts through prompt templates.")
+    ] = False,
+    templates: TemplatesOpt = None,
+    json_: JsonOpt = False,
+    jsonl: JsonlOpt = False,
+) -> None:
+    """Rank candidate texts for IMAGE (image-to-text): cosine and softmax probability."""
+    from retrieval.store import ImageIndex
+
+    from .output import print_ranked_texts
+
+    texts = _labels(labels, labels_file)
+    with ImageIndex.open(index_dir, device=device) as idx:
+        ranked = idx.describe(
+            image, texts, ensemble=ensemble or templates is not None, templates=_templates(templates), k=k
+        )
+    print_ranked_texts(ranked, _fmt(json_, jsonl, False))
 
 
 @app.command()

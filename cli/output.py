@@ -6,8 +6,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from retrieval.hits import Hit
+
+if TYPE_CHECKING:
+    from retrieval.duplicates import DuplicateGroup
+    from retrieval.zeroshot import ImageLabels, LabelScore
 
 
 def safe(text: str) -> str:
@@ -24,7 +29,8 @@ def safe(text: str) -> str:
     return "".join(out)
 
 
-def print_hits(hits: Sequence[Hit], fmt: str) -> None:
+def print_hits(hits: Sequence[Hit], fmt: str, preview: bool = False) -> None:
+    """`preview`: inline thumbnails under each line of the table, where the terminal can."""
     if fmt == "json":
         print(json.dumps([h.to_dict() for h in hits], indent=2))
     elif fmt == "jsonl":
@@ -37,8 +43,74 @@ def print_hits(hits: Sequence[Hit], fmt: str) -> None:
             print("no results", file=sys.stderr)
             return
         width = len(str(len(hits) + hits[0].rank))
+        previewer = _previewer(preview)
         for h in hits:
             print(f"{h.rank:>{width}}  {h.score:.4f}  {safe(h.path)}")
+            if previewer is not None:
+                previewer.show(h.path)
+
+
+def _previewer(wanted: bool):  # type: ignore[no-untyped-def]
+    if not wanted:
+        return None
+    from .preview import Previewer
+
+    sys.stdout.flush()
+    previewer = Previewer(sys.stdout)
+    return previewer if previewer.active else None
+
+
+def print_duplicates(groups: Sequence[DuplicateGroup], fmt: str, preview: bool = False) -> None:
+    if fmt == "json":
+        print(json.dumps([g.to_dict() for g in groups], indent=2))
+    elif fmt == "jsonl":
+        for g in groups:
+            print(json.dumps(g.to_dict()))
+    elif fmt == "paths":  # one group a paragraph
+        for n, g in enumerate(groups):
+            if n:
+                write_paths([""])
+            write_paths(list(g.paths))
+    else:
+        if not groups:
+            print("no near-duplicates", file=sys.stderr)
+            return
+        previewer = _previewer(preview)
+        for n, g in enumerate(groups, start=1):
+            print(f"group {n}: {len(g.ids)} images, cosine {g.min_score:.4f} to {g.max_score:.4f}")
+            for path in g.paths:
+                print(f"  {safe(path)}")
+                if previewer is not None:
+                    previewer.show(path)
+
+
+def print_labels(results: Sequence[ImageLabels], fmt: str) -> None:
+    """Zero-shot labels per image: `path  label prob  label prob ...`."""
+    if fmt == "json":
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    elif fmt == "jsonl":
+        for r in results:
+            print(json.dumps(r.to_dict()))
+    else:
+        if not results:
+            print("no images", file=sys.stderr)
+            return
+        for r in results:
+            labels = "  ".join(f"{safe(s.label)} {s.probability:.3f}" for s in r.labels)
+            print(f"{safe(r.path)}  {labels}".rstrip())
+
+
+def print_ranked_texts(scores: Sequence[LabelScore], fmt: str) -> None:
+    """Candidate texts for one image, best first: rank, cosine, probability, text."""
+    if fmt == "json":
+        print(json.dumps([{"rank": n, **s.to_dict()} for n, s in enumerate(scores, 1)], indent=2))
+    elif fmt == "jsonl":
+        for n, s in enumerate(scores, 1):
+            print(json.dumps({"rank": n, **s.to_dict()}))
+    else:
+        width = len(str(len(scores)))
+        for n, s in enumerate(scores, 1):
+            print(f"{n:>{width}}  {s.score:.4f}  {s.probability:.3f}  {safe(s.label)}")
 
 
 def write_paths(paths: Sequence[str]) -> None:

@@ -1,0 +1,162 @@
+"""Exact search filters: the catalog rows that match, as FAISS `allowed_ids`.
+
+A filter is applied inside the search (an ID selector), never to a top-k afterwards, so `-k 10`
+returns 10 hits whenever 10 images match. Folder, date, type and size conditions are SQL; globs
+are matched on the paths in Python (fnmatch); tags come from the table `clipdex classify --store`
+fills.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy import LargeBinary, and_, func, literal, or_, select
+
+from .catalog import ImageRow
+from .errors import ClipdexError
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
+    from .store import ImageIndex
+
+# User spellings of a type -> the Pillow format names the catalog holds.
+_FORMAT_ALIASES = {
+    "jpg": ("JPEG", "MPO"),
+    "jpeg": ("JPEG", "MPO"),
+    "jpe": ("JPEG", "MPO"),
+    "tif": ("TIFF",),
+    "heic": ("HEIF",),
+    "heif": ("HEIF",),
+}
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Conditions an image must all meet. Empty fields do not filter.
+
+    folders: under any of these folders (recursively). globs: the path matches any of these
+    patterns (a pattern without '/' is matched against the file name, one with '/' against the
+    whole path). after/before: date taken (EXIF, else the file's modification time) as unix
+    time, `after <= t < before`. formats: any of these types (jpeg, png, ...). min_width /
+    min_height: in pixels, as displayed. tags: every one of these labels was stored by
+    `classify --store`.
+    """
+
+    folders: tuple[str, ...] = ()
+    globs: tuple[str, ...] = ()
+    after: float | None = None
+    before: float | None = None
+    formats: tuple[str, ...] = ()
+    min_width: int | None = None
+    min_height: int | None = None
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("folders", "globs", "formats", "tags"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.folders
+            or self.globs
+            or self.formats
+            or self.tags
+            or self.after is not None
+            or self.before is not None
+            or self.min_width is not None
+            or self.min_height is not None
+        )
+
+
+def parse_date(text: str, option: str = "date") -> float:
+    """`2020-01-01`, `2020-01-01T12:30` or `2020-01-01 12:30:00` in local time (as EXIF dates
+    are read), or a unix time; returns unix time."""
+    raw = text.strip()
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(raw).timestamp()
+    except ValueError:
+        raise ClipdexError(f"{option}: {text!r} is not a date (use YYYY-MM-DD or YYYY-MM-DDTHH:MM)") from None
+
+
+def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
+    """`jpeg,png` -> the catalog's format names ('JPEG', 'MPO', 'PNG')."""
+    items = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
+    out: list[str] = []
+    for item in items:
+        name = item.strip().lower().lstrip(".")
+        if not name:
+            continue
+        for fmt in _FORMAT_ALIASES.get(name, (name.upper(),)):
+            if fmt not in out:
+                out.append(fmt)
+    if not out:
+        raise ClipdexError("--type needs at least one type (jpeg, png, webp, gif, bmp, tiff, heic)")
+    return tuple(out)
+
+
+def _folder_prefixes(folders: Sequence[str]) -> list[bytes]:
+    """Each folder as stored paths begin: absolute, and also through its symlinks resolved."""
+    out: list[bytes] = []
+    for folder in folders:
+        path = os.path.expanduser(folder)
+        for form in (os.path.abspath(path), os.path.realpath(path)):
+            prefix = os.fsencode(form.rstrip(os.sep) + os.sep) if form != os.sep else os.fsencode(os.sep)
+            if prefix not in out:
+                out.append(prefix)
+    return out
+
+
+def glob_matches(pattern: str, path: str) -> bool:
+    target = path if "/" in pattern else os.path.basename(path)
+    return fnmatch.fnmatchcase(target, pattern)
+
+
+def select_ids(index: ImageIndex | Catalog, filters: Filters) -> np.ndarray:
+    """Sorted ids of the catalog rows that meet `filters`."""
+    catalog = getattr(index, "catalog", index)
+    conditions = []
+    if filters.folders:
+        conds = []
+        for prefix in _folder_prefixes(filters.folders):
+            # SQLite's substr() counts bytes on a BLOB: a byte-exact prefix test.
+            conds.append(func.substr(ImageRow.path, 1, len(prefix)) == literal(prefix, LargeBinary))
+        conditions.append(or_(*conds))
+    if filters.after is not None or filters.before is not None:
+        taken = func.coalesce(ImageRow.taken_at, ImageRow.mtime_ns / 1e9)
+        if filters.after is not None:
+            conditions.append(taken >= float(filters.after))
+        if filters.before is not None:
+            conditions.append(taken < float(filters.before))
+    if filters.formats:
+        conditions.append(func.upper(ImageRow.format).in_([f.upper() for f in filters.formats]))
+    if filters.min_width is not None:
+        conditions.append(ImageRow.width >= int(filters.min_width))
+    if filters.min_height is not None:
+        conditions.append(ImageRow.height >= int(filters.min_height))
+    columns = [ImageRow.id, ImageRow.path] if filters.globs else [ImageRow.id]
+    stmt = select(*columns)
+    if conditions:
+        stmt = stmt.where(and_(*conditions))
+    with catalog.engine.connect() as conn:
+        rows = conn.execute(stmt.order_by(ImageRow.id)).all()
+    if filters.globs:
+        ids = [r[0] for r in rows if any(glob_matches(g, r[1]) for g in filters.globs)]
+    else:
+        ids = [r[0] for r in rows]
+    out = np.asarray(ids, dtype=np.int64)
+    if filters.tags:
+        from .zeroshot import tagged_ids
+
+        out = np.intersect1d(out, tagged_ids(catalog, filters.tags), assume_unique=True)
+    return out
