@@ -289,14 +289,21 @@ def search(
 ) -> None:
     """Find images that match a text (or a combination of texts and images)."""
     from retrieval.query import Query
-    from retrieval.store import ImageIndex
 
     tpl = _templates(templates)
     query = Query.parse_argv(text, ensemble=ensemble or tpl is not None, templates=tpl)
     query = _add_terms(query, plus, minus)
     filters = _filters(folders, globs, after, before, types, min_width, min_height, tags)
+    hits = _run_query(index_dir, device, query, k, filters, min_score, within, offset, include_self)
+    print_hits(hits, _fmt(json_, jsonl, paths), preview=preview)
+
+
+def _run_query(index_dir, device, query, k, filters, min_score, within, offset, include_self):  # type: ignore[no-untyped-def]
+    """The part `search` and `similar` share: open the index, run the query."""
+    from retrieval.store import ImageIndex
+
     with ImageIndex.open(index_dir, device=device) as idx:
-        hits = idx.search_query(
+        return idx.search_query(
             query,
             k,
             filters=filters,
@@ -305,7 +312,6 @@ def search(
             offset=offset,
             exclude_self=not include_self,
         )
-    print_hits(hits, _fmt(json_, jsonl, paths), preview=preview)
 
 
 @app.command()
@@ -337,20 +343,10 @@ def similar(
 ) -> None:
     """Find images that look like IMAGE."""
     from retrieval.query import Query
-    from retrieval.store import ImageIndex
 
     query = _add_terms(Query.image(image), plus, minus)
     filters = _filters(folders, globs, after, before, types, min_width, min_height, tags)
-    with ImageIndex.open(index_dir, device=device) as idx:
-        hits = idx.search_query(
-            query,
-            k,
-            filters=filters,
-            min_score=min_score,
-            within=within,
-            offset=offset,
-            exclude_self=not include_self,
-        )
+    hits = _run_query(index_dir, device, query, k, filters, min_score, within, offset, include_self)
     print_hits(hits, _fmt(json_, jsonl, paths), preview=preview)
 
 
