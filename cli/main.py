@@ -110,6 +110,11 @@ def index(
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         summary = index_folders(folders, index_dir, spec, options, progress=bar.update, stop=stop)
+    except KeyboardInterrupt:
+        # Typer would turn this into a silent exit; say what happened to the work.
+        bar.close()
+        print("clipdex: interrupted; every batch committed before is kept", file=sys.stderr)
+        raise typer.Exit(130) from None
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()

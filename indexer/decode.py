@@ -43,6 +43,16 @@ class Failed:
     path: str
     reason: str
     job: EmbedJob | None = None
+    # True when these very bytes cannot be used (not an image, refused, too large): recorded,
+    # so an unchanged file is not tried again. Passing causes (permissions, a file being
+    # written, a timeout under load) are tried again on the next run.
+    permanent: bool = False
+    size: int | None = None  # of the bytes that failed, when they were read
+    mtime_ns: int | None = None
+
+
+class FileTooLarge(ImageLoadError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,7 @@ def read_stable(path: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
         try:
             before = os.fstat(fd)
             if before.st_size > max_bytes:
-                raise ImageLoadError(f"file too large ({before.st_size:,} bytes)")
+                raise FileTooLarge(f"file too large ({before.st_size:,} bytes)")
             with os.fdopen(os.dup(fd), "rb") as f:
                 data = f.read(max_bytes + 1)
             after = os.fstat(fd)
@@ -77,17 +87,23 @@ def decode_job(
     path = job.info.path
     try:
         data, st = read_stable(path, options.max_bytes)
-        digest = hashlib.sha256(data).hexdigest()
-        if job.previous is not None and not job.force and job.previous.content_hash == digest:
-            return SameContent(job, st.st_size, st.st_mtime_ns)
-        loaded = load_image(data, max_pixels=options.max_pixels, draft_size=options.draft_size)
-        pixels = preprocess(loaded.image)
+    except FileTooLarge as exc:
+        return Failed(path, str(exc), job, permanent=True, size=job.info.size, mtime_ns=job.info.mtime_ns)
     except ImageLoadError as exc:
         return Failed(path, str(exc), job)
     except OSError as exc:
         return Failed(path, exc.strerror.lower() if exc.strerror else str(exc), job)
+    digest = hashlib.sha256(data).hexdigest()
+    if job.previous is not None and not job.force and job.previous.content_hash == digest:
+        return SameContent(job, st.st_size, st.st_mtime_ns)
+    try:
+        loaded = load_image(data, max_pixels=options.max_pixels, draft_size=options.draft_size)
+        pixels = preprocess(loaded.image)
+    except ImageLoadError as exc:
+        return Failed(path, str(exc), job, permanent=True, size=st.st_size, mtime_ns=st.st_mtime_ns)
     except Exception as exc:  # one bad file never stops a run
-        return Failed(path, f"{type(exc).__name__}: {exc}"[:200], job)
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+        return Failed(path, reason, job, permanent=True, size=st.st_size, mtime_ns=st.st_mtime_ns)
     return Decoded(
         job,
         st.st_size,

@@ -200,11 +200,10 @@ def _embed(
         else:
             summary.failed.append((result.path, result.reason))
             failed_since_progress += 1
-            if result.job is not None:
-                info = result.job.info
-                failed.append(Failure(info.path, info.size, info.mtime_ns, result.reason))
-                if result.job.previous is not None:
-                    stale.append(result.job.previous.id)
+            if result.permanent and result.size is not None and result.mtime_ns is not None:
+                failed.append(Failure(result.path, result.size, result.mtime_ns, result.reason))
+            if result.job is not None and result.job.previous is not None:
+                stale.append(result.job.previous.id)
         if len(batch) >= opts.batch_size:
             flush()
             if progress:

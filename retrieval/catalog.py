@@ -35,7 +35,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from .errors import ClipdexError, IndexWriteError
+from .errors import ClipdexError, IndexNotFoundError, IndexWriteError
 
 SCHEMA_VERSION = 1
 CATALOG_NAME = "catalog.sqlite"
@@ -191,21 +191,40 @@ class Catalog:
 
     @classmethod
     def open(cls, index_dir: Path, *, create: bool = False) -> Catalog:
+        """Open the catalog; with `create`, make it (or finish making it) first.
+
+        An index exists once its schema version is committed, not once the file exists: SQLite
+        creates the file at the first connection, and a process killed before the tables were
+        committed must not leave a catalog that no later run can open.
+        """
         db_path = index_dir / CATALOG_NAME
-        exists = db_path.exists()
-        if not exists and not create:
-            raise ClipdexError(f"no catalog at {db_path}")
+        if not db_path.exists() and not create:
+            raise IndexNotFoundError(f"no index at {index_dir}: build one with 'clipdex index FOLDER'")
         engine = _make_engine(db_path)
         catalog = cls(engine, db_path)
         try:
-            if not exists:
-                Base.metadata.create_all(engine)
-                catalog.set_meta("schema_version", str(SCHEMA_VERSION))
-                catalog.set_meta("created_at", str(time.time()))
-            version = int(catalog.get_meta("schema_version") or 0)
+            if create:
+                # Tables and schema version in one transaction (SQLite DDL is transactional).
+                with catalog._write() as conn:
+                    Base.metadata.create_all(conn)
+                    if (
+                        conn.execute(select(MetaRow.value).where(MetaRow.key == "schema_version")).first()
+                        is None
+                    ):
+                        conn.execute(insert(MetaRow).values(key="schema_version", value=str(SCHEMA_VERSION)))
+                        conn.execute(insert(MetaRow).values(key="created_at", value=str(time.time())))
+            version = int(catalog._schema_version() or 0)
         except OperationalError as exc:
             engine.dispose()
             raise _write_error(db_path, exc) from None
+        except BaseException:
+            engine.dispose()
+            raise
+        if version == 0:
+            engine.dispose()
+            raise IndexNotFoundError(
+                f"no index at {index_dir} (its creation was interrupted): run 'clipdex index FOLDER'"
+            )
         if version > SCHEMA_VERSION:
             engine.dispose()
             raise ClipdexError(
@@ -217,12 +236,16 @@ class Catalog:
     def close(self) -> None:
         self.engine.dispose()
 
-    def ensure_schema(self) -> None:
-        """Create tables that a later clipdex added (the writer calls this; readers need not)."""
-        try:
-            Base.metadata.create_all(self.engine)
-        except OperationalError as exc:
-            raise _write_error(self.path, exc) from None
+    def _schema_version(self) -> str | None:
+        with self.engine.connect() as conn:
+            has_meta = conn.exec_driver_sql(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).first()
+            if has_meta is None:
+                return None
+            return conn.execute(
+                select(MetaRow.value).where(MetaRow.key == "schema_version")
+            ).scalar_one_or_none()
 
     # -- metadata -------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -395,10 +418,15 @@ class _WriteTxn:
             raise _write_error(self.catalog.path, exc) from None
 
     def __exit__(self, exc_type, exc, tb):  # type: ignore[no-untyped-def]
+        # Rolls back on any exception; a failed statement (read-only file, disk full) or a failed
+        # COMMIT both become IndexWriteError.
         try:
-            return self._cm.__exit__(exc_type, exc, tb)
+            result = self._cm.__exit__(exc_type, exc, tb)
         except OperationalError as err:
             raise _write_error(self.catalog.path, err) from None
+        if isinstance(exc, OperationalError):
+            raise _write_error(self.catalog.path, exc) from None
+        return result
 
 
 def _write_error(db_path: Path, exc: OperationalError) -> IndexWriteError:

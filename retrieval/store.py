@@ -7,6 +7,7 @@ catalog rows and vectors together, and saves FAISS at checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -107,15 +108,19 @@ class ImageIndex:
     def create(cls, path: str | os.PathLike[str] | None, model: ModelSpec) -> ImageIndex:
         """Open the index at `path`, creating it for `model` if it does not exist yet."""
         directory = resolve_index_dir(path)
-        if (directory / CATALOG_NAME).exists():
-            index = cls.open(directory, model=model, device=model.device, precision=model.precision)
-            index.catalog.ensure_schema()
-            return index
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise IndexWriteError(f"cannot create index folder {directory}: {exc.strerror or exc}") from None
-        return cls(directory, Catalog.open(directory, create=True), model.device, model.precision)
+        # create=True is idempotent: it also adds tables a later clipdex introduced.
+        index = cls(directory, Catalog.open(directory, create=True), model.device, model.precision)
+        if index.signature is not None:
+            try:
+                check_spec_matches(index.signature, model, f"index {directory}")
+            except BaseException:
+                index.close()
+                raise
+        return index
 
     def close(self) -> None:
         if self._text_cache is not None:
@@ -383,7 +388,15 @@ class IndexWriter:
 
     def __enter__(self) -> IndexWriter:
         self.lock.acquire()
+        self._remove_orphans()
         return self
+
+    def _remove_orphans(self) -> None:
+        """Temporary files of a writer killed before its rename: whole copies of the index.
+        Only the lock holder may remove them (a live writer's are its own)."""
+        for tmp in self.index.directory.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def __exit__(self, *exc: object) -> None:
         try:
