@@ -33,7 +33,6 @@ import numpy as np
 import pytest
 from conftest import TINY_ARCH, make_scene, set_mtime, write_scenes
 from sqlalchemy import event
-from sqlalchemy.exc import OperationalError
 
 import retrieval.catalog as catalog_mod
 import retrieval.vectors as vectors_mod
