@@ -69,6 +69,9 @@ def index(
     ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    backend: Annotated[
+        str, typer.Option("--backend", help="auto, torch or onnx (ONNX Runtime: CPU float32 only).")
+    ] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding threads (0: automatic).")] = 0,
     reindex: Annotated[
@@ -90,7 +93,7 @@ def index(
     from indexer.decode import DecodeOptions
     from retrieval.store import resolve_model_spec
 
-    spec = resolve_model_spec(index_dir, model, pretrained, device, precision)
+    spec = resolve_model_spec(index_dir, model, pretrained, device, precision, backend)
     options = IndexOptions(
         batch_size=batch_size,
         decode_workers=workers,
@@ -132,7 +135,7 @@ def index(
         print(
             f"{state}: {summary.added} added, {summary.updated} updated, {summary.moved} moved, "
             f"{summary.removed} removed, {summary.unchanged} unchanged, {len(summary.failed)} failed "
-            f"({summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s)"
+            f"({summary.seconds:.1f} s; embedding {summary.images_per_second:.1f} images/s)"
         )
         for path, reason in summary.failed[:10]:
             print(f"  failed: {safe(path)}: {reason}", file=sys.stderr)
@@ -293,21 +296,30 @@ def search(
     paths: PathsOpt = False,
 ) -> None:
     """Find images that match a text (or a combination of texts and images)."""
+    from retrieval.locations import resolve_index_dir
+    from retrieval.text_encoder import PrefetchedText
+
+    # Start loading the text encoder now: it overlaps the imports below on another core.
+    prefetched = PrefetchedText(resolve_index_dir(index_dir))
     from retrieval.query import Query
 
     tpl = _templates(templates)
     query = Query.parse_argv(text, ensemble=ensemble or tpl is not None, templates=tpl)
     query = _add_terms(query, plus, minus)
     filters = _filters(folders, globs, after, before, types, min_width, min_height, tags)
-    hits = _run_query(index_dir, device, query, k, filters, min_score, within, offset, include_self)
+    hits = _run_query(
+        index_dir, device, query, k, filters, min_score, within, offset, include_self, prefetched
+    )
     print_hits(hits, _fmt(json_, jsonl, paths), preview=preview)
 
 
-def _run_query(index_dir, device, query, k, filters, min_score, within, offset, include_self):  # type: ignore[no-untyped-def]
+def _run_query(
+    index_dir, device, query, k, filters, min_score, within, offset, include_self, prefetched=None
+):  # type: ignore[no-untyped-def]
     """The part `search` and `similar` share: open the index, run the query."""
     from retrieval.store import ImageIndex
 
-    with ImageIndex.open(index_dir, device=device) as idx:
+    with ImageIndex.open(index_dir, device=device, prefetched_text=prefetched) as idx:
         return idx.search_query(
             query,
             k,

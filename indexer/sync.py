@@ -34,10 +34,12 @@ class IndexSummary:
     embedded: int = 0
     model_seconds: float = 0.0  # time inside the model (the caller's thread)
     decode_seconds: float = 0.0  # reading, decoding and preprocessing, summed over worker threads
+    embed_seconds: float = 0.0  # wall time of the embedding pipeline (no start-up, no model load)
 
     @property
     def images_per_second(self) -> float:
-        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+        """Throughput of the embedding pipeline (start-up and model loading excluded)."""
+        return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,10 @@ def index_folders(
                 if clip is None:
                     clip = ClipModel(spec)
                     writer.bind_model(clip)
+                clip.warm_up()
+                t0 = time.monotonic()
                 _embed(writer, clip, plan.jobs, opts, summary, progress, stop)
+                summary.embed_seconds = time.monotonic() - t0
             if clip is not None and not summary.interrupted:
                 export_onnx_text(index.directory, clip)  # once per index: fast cold text queries
     finally:

@@ -23,7 +23,7 @@ from .hits import Hit
 from .locations import resolve_index_dir
 from .lock import WriterLock
 from .model import ModelSignature, ModelSpec, check_spec_matches
-from .text_encoder import TextFn, load_onnx_text, model_key
+from .text_encoder import PrefetchedText, TextFn, load_onnx_text, model_key
 from .textcache import TextCache
 from .vectors import VECTORS_NAME, ReconcileReport, VectorIndex, reconcile
 
@@ -52,6 +52,7 @@ def resolve_model_spec(
     pretrained: str | None = None,
     device: str = "auto",
     precision: str = "auto",
+    backend: str = "auto",
 ) -> ModelSpec:
     """The model to index with: what the user named, else what the index was built with, else
     the default (ViT-B-32, laion2b_s34b_b79k)."""
@@ -63,8 +64,12 @@ def resolve_model_spec(
         with ImageIndex.open(directory) as index:
             recorded = index.signature
     if recorded is not None and arch in (None, recorded.arch):
-        return ModelSpec(recorded.arch, pretrained or recorded.pretrained, device, precision, recorded.seed)
-    return ModelSpec(arch or DEFAULT_ARCH, pretrained or DEFAULT_PRETRAINED, device, precision)
+        return ModelSpec(
+            recorded.arch, pretrained or recorded.pretrained, device, precision, recorded.seed, backend
+        )
+    return ModelSpec(
+        arch or DEFAULT_ARCH, pretrained or DEFAULT_PRETRAINED, device, precision, backend=backend
+    )
 
 
 class ImageIndex:
@@ -78,6 +83,7 @@ class ImageIndex:
         self._model: ClipModel | None = None
         self._vectors: VectorIndex | None = None
         self._text_fn: TextFn | None = None
+        self._prefetched: PrefetchedText | None = None
         self._text_cache: TextCache | None = None
         raw = catalog.model_signature()
         self.signature: ModelSignature | None = None if raw is None else ModelSignature.from_dict(raw)
@@ -91,15 +97,18 @@ class ImageIndex:
         model: ModelSpec | None = None,
         device: str = "auto",
         precision: str = "auto",
+        prefetched_text: PrefetchedText | None = None,
     ) -> ImageIndex:
         """Open an existing index (default location when `path` is None).
 
         With `model`, refuses an index built with another model instead of returning garbage.
+        `prefetched_text` (see `prefetch_text_encoder`) is used for text queries if it fits.
         """
         directory = resolve_index_dir(path)
         if not (directory / CATALOG_NAME).exists():
             raise IndexNotFoundError(f"no index at {directory}: build one with 'clipdex index FOLDER'")
         index = cls(directory, Catalog.open(directory), device, precision)
+        index._prefetched = prefetched_text
         if model is not None and index.signature is not None:
             check_spec_matches(index.signature, model, f"index {directory}")
         return index
@@ -270,6 +279,8 @@ class ImageIndex:
         return out
 
     def _encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if self._model is None and self._text_fn is None and self._prefetched is not None:
+            self._text_fn = self._prefetched.get(self.signature)  # type: ignore[arg-type]
         if self._model is None and self._text_fn is None:
             self._text_fn = load_onnx_text(self.directory, self.signature)  # type: ignore[arg-type]
         if self._model is None and self._text_fn is not None:

@@ -9,8 +9,6 @@ model's identity, so a stale graph is never used.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,8 +25,7 @@ _PROBES = ["a photo of a dog", "Ünïcode, PUNCTUATION & numbers 42!", "x " * 10
 
 
 def model_key(signature: ModelSignature) -> str:
-    identity = [signature.arch, signature.weights_id, signature.dim, signature.preprocess]
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return signature.key()
 
 
 def onnx_text_path(index_dir: Path, signature: ModelSignature) -> Path:
@@ -49,6 +46,43 @@ def load_onnx_text(index_dir: Path, signature: ModelSignature) -> TextFn | None:
         return None
     tokenizer = default_tokenizer()
     return lambda texts: encoder.encode(tokenizer(list(texts), encoder.context_length))
+
+
+class PrefetchedText:
+    """Loads the index's exported text tower in a background thread, so that onnxruntime's
+    import and session set-up (C++ and file reads) overlap the caller's own start-up (catalog
+    and FAISS imports) on another core. Found by file name before the catalog is even open;
+    `get(signature)` hands it over only if it belongs to that model."""
+
+    def __init__(self, index_dir: Path):
+        import threading
+
+        self._result: tuple[str, TextFn] | None = None
+        found = sorted(index_dir.glob("text-*.onnx"))
+        self._thread = None
+        if len(found) == 1:
+            key = found[0].stem.removeprefix("text-")
+            self._thread = threading.Thread(target=self._load, args=(found[0], key), daemon=True)
+            self._thread.start()
+
+    def _load(self, path: Path, key: str) -> None:
+        try:
+            from .onnx_text import OnnxTextEncoder
+            from .tokenizer import default_tokenizer
+
+            encoder = OnnxTextEncoder(path)
+            tokenizer = default_tokenizer()
+        except Exception:
+            return
+        self._result = (key, lambda texts: encoder.encode(tokenizer(list(texts), encoder.context_length)))
+
+    def get(self, signature: ModelSignature) -> TextFn | None:
+        if self._thread is None:
+            return None
+        self._thread.join()
+        if self._result is None or self._result[0] != model_key(signature):
+            return None
+        return self._result[1]
 
 
 def export_onnx_text(index_dir: Path, clip: ClipModel) -> Path | None:
