@@ -174,19 +174,19 @@ def main() -> None:
         print("(clipdex decodes in worker threads, overlapped with the model: its decode time is hidden)")
         if naive:
             print(f"speed-up over the naive loop: {ips / (naive['images'] / naive['seconds']):.2f}x")
-            fidelity(index_dir, files, work / "naive.npy", subset)
+            fidelity(index_dir, files, work / "naive.npy", subset, data)
         cold_queries(clipdex, index_dir, args.query)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def fidelity(index_dir: Path, files: list[Path], naive_npy: Path, subset: Path) -> None:
+def fidelity(index_dir: Path, files: list[Path], naive_npy: Path, subset: Path, data: Path) -> None:
     from retrieval.store import ImageIndex
 
     reference = np.load(naive_npy)
     with ImageIndex.open(index_dir) as idx:
         by_path = {r.path: r.id for r in idx.records().values()}
-        ids = [by_path.get(os.path.abspath(subset / f.name) if subset != f.parent else str(f)) for f in files]
+        ids = [by_path.get(os.path.abspath(subset / f.name if subset != data else f)) for f in files]
         keep = [i for i, x in enumerate(ids) if x is not None]
         mine = idx.catalog.vectors([ids[i] for i in keep], idx.dim)
     cos = np.sum(mine * reference[keep], axis=1)
