@@ -49,7 +49,7 @@ def naive_child(args: argparse.Namespace) -> None:
     """The loop everybody writes first; its embeddings are the fidelity reference."""
     import open_clip  # noqa: F401  (timed with the rest of the start-up, as clipdex's is)
     import torch
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from retrieval.model import ClipModel, ModelSpec
 
@@ -59,7 +59,14 @@ def naive_child(args: argparse.Namespace) -> None:
     vectors, decode_s, model_s = [], 0.0, 0.0
     for i in range(0, len(files), 32):
         d0 = time.perf_counter()
-        batch = torch.stack([clip.preprocess(Image.open(f).convert("RGB")) for f in files[i : i + 32]])
+        # exif_transpose (negligible cost) so that the fidelity reference sees the same upright
+        # pixels as clipdex; without it a rotated photo would count as an arithmetic difference.
+        batch = torch.stack(
+            [
+                clip.preprocess(ImageOps.exif_transpose(Image.open(f)).convert("RGB"))
+                for f in files[i : i + 32]
+            ]
+        )
         m0 = time.perf_counter()
         with torch.inference_mode():
             feats = clip.model.encode_image(batch)

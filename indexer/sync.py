@@ -12,7 +12,7 @@ from pathlib import Path
 from retrieval.catalog import Failure, Move, NewImage
 from retrieval.errors import ClipdexError
 from retrieval.model import ClipModel, ModelSpec
-from retrieval.store import ImageIndex
+from retrieval.store import ImageIndex, resolve_model_spec
 from retrieval.text_encoder import export_onnx_text
 
 from .decode import Decoded, DecodeOptions, Failed, SameContent, decode_job
@@ -77,7 +77,8 @@ def index_folders(
     opts = options or IndexOptions()
     started = time.monotonic()
     root_list = normalize_roots(roots)
-    spec = model.spec if isinstance(model, ClipModel) else (model or ModelSpec())
+    # No model named: the index's own (or the default for a new index), as on the command line.
+    spec = model.spec if isinstance(model, ClipModel) else (model or resolve_model_spec(index_dir))
     index = ImageIndex.create(index_dir, spec) if not opts.reindex else _open_for_reindex(index_dir, spec)
     summary = IndexSummary()
     try:

@@ -326,3 +326,12 @@ def test_model_spec_run_without_changes_does_not_load_a_model(
     s = index_folders([folder], index_dir, model=spec)
     assert (s.unchanged, s.embedded) == (2, 0)
     assert_consistent(index_dir)
+
+
+def test_index_again_without_a_model_uses_the_index_model(tmp_path, index_dir, tiny_clip_model):
+    """The Python API, like the CLI, re-indexes with the recorded model when none is named."""
+    write_scenes(tmp_path / "p", 2)
+    index_folders([tmp_path / "p"], index_dir, model=tiny_clip_model.spec)
+    write_scenes(tmp_path / "p", 3)
+    s = index_folders([tmp_path / "p"], index_dir)
+    assert (s.added, s.unchanged) == (1, 2)
