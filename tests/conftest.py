@@ -227,3 +227,21 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
 def set_mtime(path: Path | str, mtime_ns: int) -> None:
     os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+# The query-power tests (query, filters, duplicates, zero-shot) share one index per module,
+# built once per session by tests/test_query.py's shared_corpus.
+@pytest.fixture(scope="module")
+def corpus(tiny_clip_model, tmp_path_factory):
+    from test_query import shared_corpus
+
+    return shared_corpus(tiny_clip_model, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def idx(corpus, tiny_clip_model):
+    from test_query import open_index
+
+    index = open_index(corpus, tiny_clip_model)
+    yield index
+    index.close()

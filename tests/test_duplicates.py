@@ -6,22 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_query import open_index, shared_corpus
 
 from retrieval.duplicates import DuplicateGroup
 from retrieval.errors import ClipdexError
-
-
-@pytest.fixture(scope="module")
-def corpus(tiny_clip_model, tmp_path_factory):
-    return shared_corpus(tiny_clip_model, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def idx(corpus, tiny_clip_model):
-    index = open_index(corpus, tiny_clip_model)
-    yield index
-    index.close()
 
 
 def brute_force_groups(corpus: dict, threshold: float) -> tuple[list[list[int]], set[tuple[int, int]]]:

@@ -15,8 +15,6 @@ from test_query import (
     assert_ranking,
     direct_texts,
     expected_scores,
-    open_index,
-    shared_corpus,
 )
 
 from retrieval.errors import ClipdexError
@@ -24,18 +22,6 @@ from retrieval.filters import Filters, parse_date, parse_formats
 
 TEXTS = ["a red circle", "blue sky over green hills", "a yellow square", "sunset", "a dog"]
 GLOBS = ["*.png", "scene00[0-4]*", "*/jpg/*", "dup?_small.png", "*copy*", "*.webp", "scene*", "*/sub/*"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tiny_clip_model, tmp_path_factory):
-    return shared_corpus(tiny_clip_model, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def idx(corpus, tiny_clip_model):
-    index = open_index(corpus, tiny_clip_model)
-    yield index
-    index.close()
 
 
 @pytest.fixture(scope="module")

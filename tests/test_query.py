@@ -139,18 +139,6 @@ def assert_ranking(hits, expected: dict[int, float], k: int, offset: int = 0) ->
 
 
 # -- fixtures -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def corpus(tiny_clip_model, tmp_path_factory):
-    return shared_corpus(tiny_clip_model, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def idx(corpus, tiny_clip_model):
-    index = open_index(corpus, tiny_clip_model)
-    yield index
-    index.close()
-
-
 # -- parsing ------------------------------------------------------------------------------------
 def test_parse_compact_form(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -13,7 +13,6 @@ from test_query import (
     direct_texts,
     expected_scores,
     open_index,
-    shared_corpus,
     unit,
 )
 
@@ -24,18 +23,6 @@ from retrieval.zeroshot import parse_labels, read_labels, tags_of
 
 LABELS = ["cat", "dog", "car", "a red circle", "blue sky"]
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def corpus(tiny_clip_model, tmp_path_factory):
-    return shared_corpus(tiny_clip_model, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def idx(corpus, tiny_clip_model):
-    index = open_index(corpus, tiny_clip_model)
-    yield index
-    index.close()
 
 
 @pytest.fixture
