@@ -70,6 +70,11 @@ class ModelSignature:
     dim: int
     preprocess: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    # The learned temperature exp(logit_scale), and the bias of sigmoid-loss models (SigLIP; None
+    # for CLIP), so that label probabilities need no model load. Not part of the identity: they
+    # follow from the weights, and indexes written before they were recorded lack them (None).
+    logit_scale: float | None = None
+    logit_bias: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,7 +87,8 @@ class ModelSignature:
         return f"{self.arch} with weights {self.weights_id}"
 
     def key(self) -> str:
-        """A short stable id of the model's identity, for file names of derived artefacts."""
+        """A short stable id of the model's identity, for file names of derived artefacts.
+        Only the identity fields, listed explicitly: new fields must not rename existing files."""
         identity = [self.arch, self.weights_id, self.dim, self.preprocess]
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -112,6 +118,37 @@ def check_spec_matches(recorded: ModelSignature, spec: ModelSpec, where: str) ->
             f"{where} was built with {recorded.describe()}, not {spec.arch_name()} with weights "
             f"{spec.weights_id()}; use the index's own model (omit --model/--pretrained), or rebuild it "
             "with 'clipdex index --reindex'"
+        )
+
+
+def default_pretrained(arch: str) -> str:
+    """The weights to use for `arch` when none are named: ViT-B-32 keeps the project's default,
+    any other architecture gets the first of open_clip's pretrained tags for it."""
+    if arch == DEFAULT_ARCH:
+        return DEFAULT_PRETRAINED
+    import open_clip
+
+    _check_arch(arch)
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if not tags:
+        raise ModelLoadError(
+            f"open_clip has no pretrained weights for {arch}: pass --pretrained FILE (a checkpoint) "
+            "or --pretrained 'random'"
+        )
+    return tags[0]
+
+
+def _check_arch(arch: str) -> None:
+    """A one-line error for an architecture open_clip does not know (a .json config path is known)."""
+    import open_clip
+
+    if arch.endswith(".json") and os.path.isfile(arch):
+        return
+    open_clip.add_model_config(CONFIG_DIR)  # the bundled configs (clipdex-tiny) count as known
+    if arch not in open_clip.list_models():
+        raise ModelLoadError(
+            f"unknown model architecture '{arch}': see 'python -c \"import open_clip; "
+            "print(open_clip.list_models())\"', or pass a config file path"
         )
 
 
@@ -232,6 +269,10 @@ class ClipModel:
         self.device = resolve_device(spec.device)
         self.precision = resolve_precision(spec.precision, self.device)
         self.model = _create(self.arch, spec)
+        # Read before any half() so that the recorded values do not depend on the precision.
+        self.logit_scale = float(self.model.logit_scale.detach().float().exp().item())
+        bias = getattr(self.model, "logit_bias", None)
+        self.logit_bias: float | None = None if bias is None else float(bias.detach().float().item())
         self.model.eval().to(self.device)
         if self.precision == "fp16":
             self.model.half()
@@ -254,7 +295,6 @@ class ClipModel:
             if hasattr(self.model, "text_projection") and self.model.text_projection is not None
             else int(self._probe_dim())
         )
-        self.logit_scale = float(self.model.logit_scale.exp().item())
         self.images_encoded = 0  # counted so tests can prove that skipped files were not embedded
         self.texts_encoded = 0
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
@@ -273,6 +313,8 @@ class ClipModel:
             dim=self.dim,
             preprocess=self.preprocess_cfg,
             seed=self.spec.seed,
+            logit_scale=self.logit_scale,
+            logit_bias=self.logit_bias,
         )
 
     def _autocast(self):  # type: ignore[no-untyped-def]
@@ -297,8 +339,10 @@ class ClipModel:
                 self.images_encoded += n
                 return encoder.encode(pixels.numpy())
         if self.max_batch and n > self.max_batch:
-            parts = [self.encode_images(pixels[i : i + self.max_batch]) for i in range(0, n, self.max_batch)]
-            return np.concatenate(parts)
+            # One step for the whole split: a part that runs out of memory lowers max_batch, and
+            # slicing with the lowered value would skip the images between.
+            step = self.max_batch
+            return np.concatenate([self.encode_images(pixels[i : i + step]) for i in range(0, n, step)])
         try:
             with torch.inference_mode(), self._autocast():
                 x = pixels
@@ -372,11 +416,7 @@ def _create(arch: str, spec: ModelSpec):  # type: ignore[no-untyped-def]
     import open_clip
     import torch
 
-    if arch not in open_clip.list_models():
-        raise ModelLoadError(
-            f"unknown model architecture '{arch}': see 'python -c \"import open_clip; "
-            "print(open_clip.list_models())\"', or pass a config file path"
-        )
+    _check_arch(arch)
     if spec.pretrained == RANDOM:
         # Seed, so that two processes building the same random model get the same weights.
         state = torch.random.get_rng_state()
@@ -441,16 +481,31 @@ def _cached_weights(tag_cfg: dict[str, Any]) -> str | None:
     return None
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe, so that an offline machine fails in seconds, not after minutes of retries."""
-    import socket
-    from urllib.parse import urlparse
+# A proxy's own answers when it could not reach the upstream host: no path to the hub.
+_GATEWAY_FAILURES = frozenset({502, 504})
 
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick HEAD of the hub, so that an offline machine fails in seconds, not after minutes of
+    retries. urllib goes through HTTPS_PROXY / HTTP_PROXY and honours NO_PROXY, as the download
+    itself will (a raw socket to the hub would call a machine behind a proxy offline). Any HTTP
+    answer, even 4xx, means the hub can be reached, except a proxy's 502/504 (it could not reach
+    the hub itself); connection errors, refused tunnels and timeouts mean not."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    request = urllib.request.Request(endpoint, method="HEAD")
+    # A fresh opener: urlopen's shared one keeps the proxy settings of the process's first call.
+    opener = urllib.request.build_opener()
     try:
-        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+        with opener.open(request, timeout=timeout):
             return True
-    except OSError:
+    except urllib.error.HTTPError as exc:
+        if exc.fp is not None:
+            exc.close()
+        return exc.code not in _GATEWAY_FAILURES
+    except (OSError, ValueError):  # URLError is an OSError; ValueError: a malformed HF_ENDPOINT
         return False
 
 

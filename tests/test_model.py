@@ -6,7 +6,11 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +25,12 @@ from retrieval.model import (
     ClipModel,
     ModelSignature,
     ModelSpec,
+    _hub_reachable,
     check_spec_matches,
+    default_pretrained,
     resolve_precision,
 )
-from retrieval.store import ImageIndex
+from retrieval.store import ImageIndex, resolve_model_spec
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -142,6 +148,8 @@ def test_unusable_checkpoints(tmp_path, tiny_checkpoint, tiny2_config):
 def test_unreachable_hub_fails_fast_in_one_line(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
+    _clear_proxy_env(monkeypatch)  # a proxy in the environment would answer for 127.0.0.1:9
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # refused at once, network or not
     started = time.monotonic()
@@ -229,3 +237,144 @@ def test_check_spec_matches_loads_no_model(tiny_clip_model, monkeypatch):
     check_spec_matches(sig, ModelSpec(TINY_ARCH, "random"), "index X")
     with pytest.raises(ModelMismatchError, match="index X"):
         check_spec_matches(sig, ModelSpec(TINY_ARCH, "random", seed=2), "index X")
+
+
+# -- default weights per architecture ---------------------------------------------------------
+def test_default_pretrained_is_the_architectures_own_tag():
+    import open_clip
+
+    assert default_pretrained("ViT-B-32") == "laion2b_s34b_b79k"  # the project's default, kept
+    assert default_pretrained("ViT-B-16") == open_clip.list_pretrained_tags_by_model("ViT-B-16")[0]
+    assert default_pretrained("ViT-B-16-SigLIP") == "webli"
+    for arch in (TINY_ARCH, "convnext_tiny"):  # known architectures without any published weights
+        with pytest.raises(ModelLoadError) as info:
+            default_pretrained(arch)
+        msg = str(info.value)
+        assert "\n" not in msg and arch in msg and "--pretrained" in msg and "'random'" in msg
+    with pytest.raises(ModelLoadError, match="unknown model architecture"):
+        default_pretrained("ViT-Nonexistent-99")
+
+
+def test_resolve_model_spec_uses_the_architectures_default(tmp_path):
+    where = tmp_path / "new-index"
+    assert resolve_model_spec(where).pretrained == "laion2b_s34b_b79k"
+    assert resolve_model_spec(where, "ViT-B-16").pretrained == "openai"
+    assert resolve_model_spec(where, "ViT-B-16", "laion2b_s34b_b88k").pretrained == "laion2b_s34b_b88k"
+    with pytest.raises(ModelLoadError, match="--pretrained"):
+        resolve_model_spec(where, TINY_ARCH)
+
+
+def test_index_summary_names_the_weights_used(tmp_path, index_dir, tiny_checkpoint):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    write_scenes(tmp_path / "photos", 2)
+    summary = index_folders([tmp_path / "photos"], index_dir, model=ModelSpec(TINY_ARCH, "random", "cpu"))
+    assert summary.model == f"{TINY_ARCH} / random"
+    again = index_folders([tmp_path / "photos"], index_dir)  # no model named: the index's own
+    assert (again.model, again.unchanged) == (f"{TINY_ARCH} / random", 2)
+    other = tmp_path / "index-ckpt"
+    model = ["-m", TINY_ARCH, "-p", str(tiny_checkpoint), "--device", "cpu"]
+    result = CliRunner().invoke(app, ["index", str(tmp_path / "photos"), "--index", str(other), *model])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.stdout.splitlines()[0].endswith(f"; model {TINY_ARCH} / {tiny_checkpoint})")
+
+
+# -- the logit scale and bias are recorded ------------------------------------------------------
+def test_signature_records_logit_scale_without_changing_identity(tiny_clip_model):
+    sig = tiny_clip_model.signature
+    assert sig.logit_scale == pytest.approx(float(tiny_clip_model.model.logit_scale.exp().item()), rel=1e-6)
+    assert sig.logit_bias is None  # a CLIP model: softmax over labels, no bias
+    # An index written before these fields existed still loads, and is the same model...
+    old = {k: v for k, v in sig.to_dict().items() if k not in ("logit_scale", "logit_bias")}
+    legacy = ModelSignature.from_dict(old)
+    assert legacy.logit_scale is None and legacy.logit_bias is None
+    assert legacy.matches(sig) and legacy.key() == sig.key()
+    # ...and key() (names of exported ONNX files) is exactly what it was before.
+    identity = [sig.arch, sig.weights_id, sig.dim, sig.preprocess]
+    assert sig.key() == hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_signature_records_logit_bias_of_a_sigmoid_model(tmp_path):
+    cfg = json.loads((CONFIG_DIR / f"{TINY_ARCH}.json").read_text())
+    cfg["init_logit_bias"] = -3.5  # open_clip's CLIP then has a learnable logit_bias, as SigLIP
+    path = tmp_path / "clipdex-sigmoid-tiny.json"
+    path.write_text(json.dumps(cfg))
+    sig = ClipModel(ModelSpec(str(path), "random", "cpu")).signature
+    assert sig.logit_bias == pytest.approx(-3.5) and sig.logit_scale == pytest.approx(1 / 0.07, rel=1e-6)
+
+
+# -- hub probe: honours HTTPS_PROXY / HTTP_PROXY / NO_PROXY -------------------------------------
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "REQUEST_METHOD")
+
+
+def _clear_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in _PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+@dataclass
+class FakeProxy:
+    """A loopback HTTP server answering every request (HEAD, GET, CONNECT) with `status`."""
+
+    url: str
+    status: int = 404
+    seen: list[str] = field(default_factory=list)  # request lines, in order
+
+
+@pytest.fixture
+def fake_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeProxy]:
+    _clear_proxy_env(monkeypatch)
+    proxy = FakeProxy(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            proxy.seen.append(self.requestline)  # recorded before answering: the probe sees it after
+            self.send_response(proxy.status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET = do_CONNECT = answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    proxy.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield proxy
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_hub_probe_tunnels_through_the_https_proxy(fake_proxy, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # closed: only the proxy can answer
+    monkeypatch.setenv("HTTPS_PROXY", fake_proxy.url)
+    fake_proxy.status = 403  # the proxy refuses the tunnel: the hub is out of reach
+    assert _hub_reachable(timeout=10) is False
+    assert len(fake_proxy.seen) == 1 and fake_proxy.seen[0].startswith("CONNECT 127.0.0.1:9 HTTP/")
+
+
+@pytest.mark.parametrize(("status", "reachable"), [(200, True), (404, True), (502, False), (504, False)])
+def test_hub_probe_counts_an_http_answer_through_the_proxy(fake_proxy, monkeypatch, status, reachable):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", fake_proxy.url)
+    fake_proxy.status = status  # 502/504: the proxy itself could not reach the hub
+    assert _hub_reachable(timeout=10) is reachable
+    assert len(fake_proxy.seen) == 1 and fake_proxy.seen[0].startswith("HEAD http://127.0.0.1:9")
+
+
+def test_hub_probe_goes_direct_for_no_proxy_hosts(fake_proxy, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", fake_proxy.url)
+    monkeypatch.setenv("HTTPS_PROXY", fake_proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert _hub_reachable(timeout=10) is False  # refused directly; the proxy was not asked
+    assert fake_proxy.seen == []
+    monkeypatch.setenv("HF_ENDPOINT", fake_proxy.url)  # the server itself as the hub, reached directly
+    assert _hub_reachable(timeout=10) is True
+    assert fake_proxy.seen == ["HEAD / HTTP/1.1"]

@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny() -> ClipModel:
-    return ClipModel(ModelSpec("clipdex-tiny", "random", device="cpu", precision="fp32"))
+    # backend="torch": on the CPU ClipModel would pick ONNX Runtime itself, and torch is the reference.
+    model = ClipModel(ModelSpec("clipdex-tiny", "random", device="cpu", precision="fp32", backend="torch"))
+    assert model.backend == "torch"
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +93,56 @@ def test_encoder_does_not_import_torch(exported: Path) -> None:
         """
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_torch_and_onnx_backends_embed_the_same_images(tmp_path: Path, monkeypatch) -> None:
+    from conftest import make_scene
+
+    spec = dict(arch="clipdex-tiny", pretrained="random", device="cpu", precision="fp32")
+    by_torch = ClipModel(ModelSpec(**spec, backend="torch"))
+    by_onnx = ClipModel(ModelSpec(**spec, backend="onnx"))
+    by_onnx.warm_up()  # exports the tower (from the torch model) before torch is taken away below
+    assert by_onnx._onnx_images is not None
+    # From here on the ONNX model's torch image tower must not run: any use of it fails the test.
+    monkeypatch.setattr(by_onnx.model, "encode_image", lambda *a, **k: pytest.fail("torch ran"))
+    images = [make_scene(i, size) for i, size in enumerate([(64, 64), (96, 72), (50, 120), (200, 150)])]
+    want = by_torch.encode_pil(images)
+    got = by_onnx.encode_pil(images)
+    # Each really is what it claims (a failed export would silently fall back to torch).
+    assert (by_torch.backend, by_torch._onnx_images) == ("torch", None)
+    assert by_onnx.backend == "onnx" and by_onnx._onnx_images.images_encoded == len(images)
+    assert got.shape == want.shape == (len(images), by_torch.dim)
+    assert np.abs(got - want).max() < 1e-4
+    assert not np.allclose(want[0], want[1])  # distinct images: equality above is not trivial
+
+
+def test_cuda_out_of_memory_halves_the_batch_and_remembers_it(monkeypatch) -> None:
+    model = ClipModel(ModelSpec("clipdex-tiny", "random", device="cpu", precision="fp32", backend="torch"))
+    x = torch.from_numpy(_pixels(10, 64, 4))
+    want = model.encode_images(x)
+    real = model.model.encode_image
+    sizes: list[int] = []
+
+    def small_batches_only(pixels):  # type: ignore[no-untyped-def]
+        sizes.append(int(pixels.shape[0]))
+        if pixels.shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(pixels)
+
+    monkeypatch.setattr(model.model, "encode_image", small_batches_only)
+    before = model.images_encoded
+    got = model.encode_images(x)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert model.images_encoded - before == 10  # batches that ran out of memory are not counted
+    # 10 and 5 ran out of memory; the second half of the 10 was split at once to the new size.
+    assert model.max_batch == 2 and sizes == [10, 5, 2, 2, 1, 2, 2, 1]
+    sizes.clear()
+    np.testing.assert_allclose(model.encode_images(x[:4]), want[:4], atol=1e-5)
+    assert sizes == [2, 2]  # remembered: no out-of-memory round trip again
+
+    def never_fits(pixels):  # type: ignore[no-untyped-def]
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(model.model, "encode_image", never_fits)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one image that does not fit: nothing to halve
+        model.encode_images(x[:1])

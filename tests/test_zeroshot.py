@@ -3,6 +3,7 @@ image-to-text ranking equals a direct computation."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -18,7 +19,9 @@ from test_query import (
 
 from retrieval.errors import ClipdexError
 from retrieval.filters import Filters
+from retrieval.model import CONFIG_DIR, ClipModel, ModelSpec
 from retrieval.query import default_templates
+from retrieval.store import ImageIndex
 from retrieval.zeroshot import parse_labels, read_labels, tags_of
 
 LABELS = ["cat", "dog", "car", "a red circle", "blue sky"]
@@ -140,3 +143,100 @@ def test_label_lists(tmp_path):
     assert read_labels(f) == ["cat", "dog, sitting"]
     with pytest.raises(ClipdexError):
         read_labels(tmp_path / "missing.txt")
+
+
+# -- the recorded logit scale / bias: no torch model for scoring, sigmoid for SigLIP -------------
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Building a ClipModel fails the test: scoring must come from the index's record."""
+    import retrieval.model
+
+    def refuse(*args, **kwargs):
+        pytest.fail("the torch model was loaded")
+
+    monkeypatch.setattr(retrieval.model.ClipModel, "__init__", refuse)
+
+
+def test_classify_uses_the_recorded_scale_without_loading_the_model(corpus, tiny_clip_model, no_model_load):
+    with ImageIndex.open(corpus["dir"], device="cpu") as index:
+        assert index.signature.logit_scale == pytest.approx(scale_of(tiny_clip_model), rel=1e-6)
+        results = index.classify(LABELS, ensemble=False, top=None)  # texts: the exported ONNX tower
+        assert index._model is None
+    probs = manual_probabilities(corpus, tiny_clip_model, LABELS, False)
+    for row, r in enumerate(results):
+        got = {s.label: s.probability for s in r.labels}
+        np.testing.assert_allclose([got[x] for x in LABELS], probs[row], atol=1e-4)
+
+
+def test_an_index_without_a_recorded_scale_falls_back_to_the_model(corpus, tiny_clip_model, tmp_path):
+    directory = tmp_path / "old-index"
+    shutil.copytree(corpus["dir"], directory)
+    with ImageIndex.open(directory) as index:  # as written before the scale was recorded
+        old = {k: v for k, v in index.signature.to_dict().items() if k not in ("logit_scale", "logit_bias")}
+        index.catalog.set_model_signature(old)
+    with ImageIndex.open(directory, device="cpu") as index:
+        assert index.signature.logit_scale is None
+        results = index.classify(LABELS, ensemble=False, top=None)
+        assert index._model is not None  # loaded for its scale
+    probs = manual_probabilities(corpus, tiny_clip_model, LABELS, False)
+    for row, r in enumerate(results):
+        got = {s.label: s.probability for s in r.labels}
+        np.testing.assert_allclose([got[x] for x in LABELS], probs[row], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def sigmoid_index(tmp_path_factory):
+    """A tiny SigLIP-like model (a CLIP with a learned logit bias) and an index built with it."""
+    from conftest import write_scenes
+
+    from indexer import index_folders
+
+    root = tmp_path_factory.mktemp("sigmoid")
+    cfg = json.loads((CONFIG_DIR / "clipdex-tiny.json").read_text())
+    # A bias and a scale that put sigmoid(scale * cos + bias) in mid-range for a random model,
+    # so that a wrong formula shows (SigLIP's own -10 would make every probability ~0).
+    cfg["init_logit_bias"] = -0.5
+    cfg["init_logit_scale"] = float(np.log(20.0))
+    config = root / "clipdex-sigmoid-tiny.json"  # no "siglip" in the name: open_clip would want T5
+    config.write_text(json.dumps(cfg))
+    model = ClipModel(ModelSpec(str(config), "random", "cpu"))
+    write_scenes(root / "photos", 6)
+    index_folders([root / "photos"], root / "index", model=model)
+    return model, root / "index"
+
+
+def test_sigmoid_model_scores_each_label_independently(sigmoid_index, no_model_load):
+    model, directory = sigmoid_index
+    labels = ["cat", "dog", "a red circle"]
+    with ImageIndex.open(directory, device="cpu") as index:
+        sig = index.signature
+        assert sig.logit_bias == pytest.approx(-0.5) and sig.logit_scale == pytest.approx(20.0, rel=1e-5)
+        results = index.classify(labels, ensemble=False, top=None)
+        vectors = index.vectors()
+        ids = np.sort(vectors.ids())
+        stored = index.catalog.vectors(ids.tolist(), index.dim).astype(np.float64)
+        assert index._model is None
+    cos = stored @ model.encode_texts(labels).astype(np.float64).T
+    want = 1.0 / (1.0 + np.exp(-(sig.logit_scale * cos + sig.logit_bias)))
+    assert [r.id for r in results] == ids.tolist()
+    for row, r in enumerate(results):
+        got = {s.label: s.probability for s in r.labels}
+        np.testing.assert_allclose([got[x] for x in labels], want[row], rtol=1e-4)
+        np.testing.assert_allclose([s.score for s in r.labels], sorted(cos[row], reverse=True), atol=1e-5)
+    assert 0.05 < want.mean() < 0.95  # mid-range: the check above tells sigmoid from softmax
+
+
+def test_sigmoid_model_describe(sigmoid_index, scene, tmp_path):
+    model, directory = sigmoid_index
+    texts = ["a red circle", "green hills", "sunset"]
+    path = tmp_path / "query.png"
+    scene(77).save(path)
+    cos = model.encode_texts(texts).astype(np.float64) @ model.encode_pil([scene(77)])[0].astype(np.float64)
+    with ImageIndex.open(directory, device="cpu") as index:
+        index.use_model(model)
+        ranked = index.describe(path, texts)
+        sig = index.signature
+    want = 1.0 / (1.0 + np.exp(-(sig.logit_scale * cos + sig.logit_bias)))
+    assert [s.label for s in ranked] == [texts[j] for j in np.argsort(-cos, kind="stable")]
+    for s in ranked:
+        assert s.probability == pytest.approx(want[texts.index(s.label)], rel=1e-4)
