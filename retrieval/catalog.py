@@ -1,16 +1,23 @@
-"""The SQLite catalog (SQLAlchemy 2.x): one row per indexed image, the model record, metadata.
+"""The SQLite catalog (SQLAlchemy 2.x): images, their vectors, the models, tags and history.
 
-Vectors are stored here too, as float32 BLOBs in the same row, so that a catalog row and its
-vector commit in one transaction: the FAISS file is only a cache that can always be rebuilt.
-Row ids come from AUTOINCREMENT and are never reused; a re-embedded file gets a new id, so a
-FAISS id set equal to the catalog's id set means the FAISS vectors are the catalog's vectors.
+Each image is one row of `images`; its vector lives in the narrow table `vectors`, keyed by
+(image, model), and commits in the same transaction as the row: the FAISS file is only a cache
+that can always be rebuilt. Two models exist only while `clipdex index --reindex` builds the
+new model's vectors beside the old ones; one transaction then makes the new model the active
+one. Row ids come from AUTOINCREMENT and are never reused within one catalog.
+
+Every write that changes what a search sees adds a row to `commits` (a generation and a random
+nonce). A FAISS file records the catalog identity, model and commit it reflects; a file whose
+commit is not in this catalog's history (another catalog, a restored backup) is never trusted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import (
     Float,
+    ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -27,18 +36,25 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    literal,
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from .errors import ClipdexError, IndexNotFoundError, IndexWriteError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CATALOG_NAME = "catalog.sqlite"
+NORM_TOLERANCE = 1e-3  # stored vectors are unit-norm float32, within float32 rounding of the encoders
+ACTIVE, PENDING = "active", "pending"
+
+
+class IndexUpgradeNeeded(ClipdexError):
+    """The catalog has an older schema; a writer upgrades it (see ImageIndex.open)."""
 
 
 class FsPath(TypeDecorator[str]):
@@ -72,7 +88,50 @@ class ImageRow(Base):
     format: Mapped[str | None] = mapped_column(String(16))
     taken_at: Mapped[float | None] = mapped_column(Float)  # EXIF DateTimeOriginal as unix time
     indexed_at: Mapped[float] = mapped_column(Float)
+
+
+class ModelRow(Base):
+    """A model whose vectors the catalog holds: the active one, and at most one pending
+    (being built by a reindex)."""
+
+    __tablename__ = "models"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    signature: Mapped[str] = mapped_column(Text)  # JSON of retrieval.model.ModelSignature
+    state: Mapped[str] = mapped_column(String(8), index=True)  # ACTIVE or PENDING
+
+
+class VectorRow(Base):
+    """One float32 unit vector per (image, model): narrow rows, apart from the metadata."""
+
+    __tablename__ = "vectors"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class TagRow(Base):
+    """Zero-shot labels stored by `classify --store`; they go with their image."""
+
+    __tablename__ = "tags"
+    __table_args__ = (Index("ix_tags_by_label", "label"),)
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    label: Mapped[str] = mapped_column(Text, primary_key=True)
+    probability: Mapped[float] = mapped_column(Float)
+
+
+class CommitRow(Base):
+    """The catalog's history: one row per write that changes what a search sees."""
+
+    __tablename__ = "commits"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(32))
+    at: Mapped[float] = mapped_column(Float)
 
 
 class FailureRow(Base):
@@ -95,18 +154,28 @@ class Failure:
     reason: str
 
 
-class ModelRow(Base):
-    __tablename__ = "model"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    signature: Mapped[str] = mapped_column(Text)  # JSON of retrieval.model.ModelSignature
-
-
 class MetaRow(Base):
     __tablename__ = "meta"
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: int
+    signature: dict
+    state: str
+
+
+@dataclass(frozen=True)
+class CatalogState:
+    """Who this catalog is and where its history stands, read in one snapshot."""
+
+    index_id: str
+    model_id: int | None  # the active model
+    generation: int
+    nonce: str
 
 
 @dataclass(frozen=True)
@@ -175,6 +244,8 @@ def _make_engine(db_path: Path) -> Engine:
         # but never corrupts the file.
         cur.execute("PRAGMA journal_mode = WAL")
         cur.execute("PRAGMA synchronous = NORMAL")
+        # Vectors and tags go with their image row (and vectors with their model).
+        cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -188,14 +259,16 @@ class Catalog:
     def __init__(self, engine: Engine, path: Path):
         self.engine = engine
         self.path = path
+        self._dims: dict[int, int] = {}  # model id -> dimension (model rows never change)
 
     @classmethod
     def open(cls, index_dir: Path, *, create: bool = False) -> Catalog:
-        """Open the catalog; with `create`, make it (or finish making it) first.
+        """Open the catalog; with `create`, make it (or finish making it, or upgrade it) first.
 
         An index exists once its schema version is committed, not once the file exists: SQLite
         creates the file at the first connection, and a process killed before the tables were
-        committed must not leave a catalog that no later run can open.
+        committed must not leave a catalog that no later run can open. Without `create`, an
+        older schema raises IndexUpgradeNeeded: only a writer may upgrade it.
         """
         db_path = index_dir / CATALOG_NAME
         if not db_path.exists() and not create:
@@ -204,15 +277,9 @@ class Catalog:
         catalog = cls(engine, db_path)
         try:
             if create:
-                # Tables and schema version in one transaction (SQLite DDL is transactional).
+                # Tables, identity and schema version in one transaction (SQLite DDL is transactional).
                 with catalog._write() as conn:
-                    Base.metadata.create_all(conn)
-                    if (
-                        conn.execute(select(MetaRow.value).where(MetaRow.key == "schema_version")).first()
-                        is None
-                    ):
-                        conn.execute(insert(MetaRow).values(key="schema_version", value=str(SCHEMA_VERSION)))
-                        conn.execute(insert(MetaRow).values(key="created_at", value=str(time.time())))
+                    _create_or_upgrade(conn)
             version = int(catalog._schema_version() or 0)
         except OperationalError as exc:
             engine.dispose()
@@ -231,6 +298,11 @@ class Catalog:
                 f"index {index_dir} has schema version {version}; this clipdex reads up to "
                 f"{SCHEMA_VERSION}: upgrade clipdex"
             )
+        if version < SCHEMA_VERSION:
+            engine.dispose()
+            raise IndexUpgradeNeeded(
+                f"index {index_dir} has schema version {version}: open it for writing once to upgrade it"
+            )
         return catalog
 
     def close(self) -> None:
@@ -238,14 +310,25 @@ class Catalog:
 
     def _schema_version(self) -> str | None:
         with self.engine.connect() as conn:
-            has_meta = conn.exec_driver_sql(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-            ).first()
-            if has_meta is None:
-                return None
-            return conn.execute(
-                select(MetaRow.value).where(MetaRow.key == "schema_version")
+            return _schema_version(conn)
+
+    # -- identity and history ---------------------------------------------------------------
+    def state(self) -> CatalogState:
+        with self.engine.connect() as conn:  # one read transaction: a consistent snapshot
+            index_id = conn.execute(select(MetaRow.value).where(MetaRow.key == "index_id")).scalar_one()
+            model_id = conn.execute(select(ModelRow.id).where(ModelRow.state == ACTIVE)).scalar_one_or_none()
+            generation, nonce = conn.execute(
+                select(CommitRow.generation, CommitRow.nonce).order_by(CommitRow.generation.desc()).limit(1)
+            ).one()
+        return CatalogState(index_id, model_id, generation, nonce)
+
+    def has_commit(self, generation: int, nonce: str) -> bool:
+        """Whether (generation, nonce) is part of this catalog's history."""
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(CommitRow.nonce).where(CommitRow.generation == generation)
             ).scalar_one_or_none()
+        return found == nonce
 
     # -- metadata -------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -254,18 +337,79 @@ class Catalog:
 
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as conn:
-            conn.execute(delete(MetaRow).where(MetaRow.key == key))
-            conn.execute(insert(MetaRow).values(key=key, value=value))
+            _set_meta(conn, key, value)
 
+    # -- models ---------------------------------------------------------------------------
     def model_signature(self) -> dict | None:
-        with self.engine.connect() as conn:
-            raw = conn.execute(select(ModelRow.signature).where(ModelRow.id == 1)).scalar_one_or_none()
-        return None if raw is None else json.loads(raw)
+        """The active model's signature."""
+        entry = self.active_model()
+        return None if entry is None else entry.signature
 
-    def set_model_signature(self, signature: dict) -> None:
+    def active_model(self) -> ModelEntry | None:
+        return self._model_in(ACTIVE)
+
+    def pending_model(self) -> ModelEntry | None:
+        return self._model_in(PENDING)
+
+    def _model_in(self, state: str) -> ModelEntry | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(ModelRow.id, ModelRow.signature).where(ModelRow.state == state)).first()
+        return None if row is None else ModelEntry(row[0], json.loads(row[1]), state)
+
+    def set_model_signature(self, signature: dict) -> int:
+        """Make `signature` the active model (an existing one goes, with its vectors)."""
         with self._write() as conn:
-            conn.execute(delete(ModelRow))
-            conn.execute(insert(ModelRow).values(id=1, signature=json.dumps(signature, sort_keys=True)))
+            conn.execute(delete(ModelRow).where(ModelRow.state == ACTIVE))
+            new_id = _insert_model(conn, signature, ACTIVE)
+            _record_commit(conn)
+        return new_id
+
+    def clear_model_signature(self) -> None:
+        with self._write() as conn:
+            conn.execute(delete(ModelRow).where(ModelRow.state == ACTIVE))
+            _record_commit(conn)
+
+    def begin_pending(self, signature: dict) -> int:
+        """A new pending model (replacing an unfinished one of another signature)."""
+        with self._write() as conn:
+            conn.execute(delete(ModelRow).where(ModelRow.state == PENDING))
+            return _insert_model(conn, signature, PENDING)
+
+    def drop_pending(self) -> None:
+        with self._write() as conn:
+            conn.execute(delete(ModelRow).where(ModelRow.state == PENDING))
+
+    def copy_vectors(self, source: int, target: int, image_ids: Sequence[int]) -> None:
+        """Give `target` the vectors `source` has for `image_ids` (same model, kept as they are)."""
+        with self._write() as conn:
+            for chunk in _chunks(list(image_ids), 900):
+                conn.execute(
+                    insert(VectorRow).from_select(
+                        ["image_id", "model_id", "vector"],
+                        select(VectorRow.image_id, literal(target, Integer), VectorRow.vector).where(
+                            VectorRow.model_id == source, VectorRow.image_id.in_(chunk)
+                        ),
+                    )
+                )
+
+    def promote_pending(self) -> int:
+        """One transaction: the pending model becomes the active one; the old model, its vectors
+        and any image the new model has no vector for go. Returns the new active model's id."""
+        with self._write() as conn:
+            pending = conn.execute(select(ModelRow.id).where(ModelRow.state == PENDING)).scalar_one()
+            has_vector = select(VectorRow.image_id).where(VectorRow.model_id == pending)
+            conn.execute(delete(ImageRow).where(ImageRow.id.not_in(has_vector)))
+            conn.execute(delete(ModelRow).where(ModelRow.state == ACTIVE))
+            conn.execute(update(ModelRow).where(ModelRow.id == pending).values(state=ACTIVE))
+            _record_commit(conn)
+        return pending
+
+    def dim_of(self, model_id: int) -> int:
+        if model_id not in self._dims:
+            with self.engine.connect() as conn:
+                raw = conn.execute(select(ModelRow.signature).where(ModelRow.id == model_id)).scalar_one()
+            self._dims[model_id] = int(json.loads(raw)["dim"])
+        return self._dims[model_id]
 
     def failures(self) -> dict[str, Failure]:
         with self.engine.connect() as conn:
@@ -274,19 +418,30 @@ class Catalog:
             )
             return {r[0]: Failure(*r) for r in rows}
 
-    def clear_model_signature(self) -> None:
-        with self._write() as conn:
-            conn.execute(delete(ModelRow))
-
     # -- reads ----------------------------------------------------------------------------
     def count(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(ImageRow)).scalar_one()
 
-    def ids(self) -> np.ndarray:
+    def ids(self, model_id: int | None = None) -> np.ndarray:
+        """Sorted ids of the images that have a vector of `model_id` (default: the active model)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(ImageRow.id).order_by(ImageRow.id)).scalars().all()
-        return np.asarray(rows, dtype=np.int64)
+            model_id = _resolve_model(conn, model_id)
+            if model_id is None:
+                return np.empty(0, np.int64)
+            rows = conn.execute(
+                select(VectorRow.image_id).where(VectorRow.model_id == model_id).order_by(VectorRow.image_id)
+            ).scalars()
+            return np.fromiter(rows, dtype=np.int64)
+
+    def ids_without_vector(self, model_id: int) -> np.ndarray:
+        """Sorted ids of the images that have no vector of `model_id`."""
+        has_vector = select(VectorRow.image_id).where(VectorRow.model_id == model_id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(ImageRow.id).where(ImageRow.id.not_in(has_vector)).order_by(ImageRow.id)
+            ).scalars()
+            return np.fromiter(rows, dtype=np.int64)
 
     def records(self, ids: Iterable[int] | None = None) -> dict[int, ImageRecord]:
         """Records by id: all of them, or those of `ids` that exist."""
@@ -306,13 +461,16 @@ class Catalog:
             row = conn.execute(select(*_RECORD_COLUMNS).where(ImageRow.path == path)).first()
         return None if row is None else ImageRecord(*row)
 
-    def vectors(self, ids: Sequence[int], dim: int) -> np.ndarray:
-        """The stored vectors of `ids`, in that order (KeyError for an unknown id)."""
+    def vectors(self, ids: Sequence[int], dim: int, model_id: int | None = None) -> np.ndarray:
+        """The stored vectors of `ids`, in that order (KeyError for an id without one)."""
         found: dict[int, bytes] = {}
         with self.engine.connect() as conn:
+            model_id = _resolve_model(conn, model_id)
             for chunk in _chunks(list(ids), 900):
                 for row_id, blob in conn.execute(
-                    select(ImageRow.id, ImageRow.vector).where(ImageRow.id.in_(chunk))
+                    select(VectorRow.image_id, VectorRow.vector).where(
+                        VectorRow.model_id == model_id, VectorRow.image_id.in_(chunk)
+                    )
                 ):
                     found[row_id] = blob
         out = np.empty((len(ids), dim), dtype=np.float32)
@@ -320,22 +478,77 @@ class Catalog:
             out[i] = np.frombuffer(found[row_id], dtype=np.float32)
         return out
 
-    def iter_vectors(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_vectors(
+        self, batch: int = 4096, model_id: int | None = None
+    ) -> Iterator[tuple[np.ndarray, list[bytes]]]:
         """(ids, vectors) in chunks, by id; each vector exactly as stored (may be malformed)."""
         last = 0
         while True:
             with self.engine.connect() as conn:
+                model = _resolve_model(conn, model_id)
+                if model is None:
+                    return
                 rows = conn.execute(
-                    select(ImageRow.id, ImageRow.vector)
-                    .where(ImageRow.id > last)
-                    .order_by(ImageRow.id)
+                    select(VectorRow.image_id, VectorRow.vector)
+                    .where(VectorRow.model_id == model, VectorRow.image_id > last)
+                    .order_by(VectorRow.image_id)
                     .limit(batch)
                 ).all()
             if not rows:
                 return
             ids = np.asarray([r[0] for r in rows], dtype=np.int64)
-            yield ids, [r[1] for r in rows]  # type: ignore[misc]
+            yield ids, [r[1] for r in rows]
             last = int(ids[-1])
+
+    # -- tags -----------------------------------------------------------------------------
+    def replace_tags(self, image_ids: Sequence[int], labels: Sequence[str], rows: Sequence[dict]) -> int:
+        """Replace the tags of `labels` on `image_ids` by `rows` ({image_id, label, probability});
+        rows of images deleted meanwhile are dropped. Returns the number of rows written."""
+        with self._write() as conn:
+            for chunk in _chunks(list(image_ids), 500):
+                conn.execute(delete(TagRow).where(TagRow.image_id.in_(chunk), TagRow.label.in_(list(labels))))
+            live: set[int] = set()
+            for chunk in _chunks(sorted({r["image_id"] for r in rows}), 900):
+                live.update(conn.execute(select(ImageRow.id).where(ImageRow.id.in_(chunk))).scalars())
+            kept = [r for r in rows if r["image_id"] in live]
+            if kept:
+                conn.execute(insert(TagRow), kept)
+        return len(kept)
+
+    def has_tags(self) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(TagRow.image_id).limit(1)).first() is not None
+
+    def tagged_ids(self, labels: Sequence[str]) -> np.ndarray:
+        """Sorted ids of the images tagged with every one of `labels`."""
+        if not self.has_tags():
+            raise ClipdexError(
+                "no tags stored in this index: run 'clipdex classify --labels ... --store' first"
+            )
+        result: np.ndarray | None = None
+        with self.engine.connect() as conn:
+            for label in dict.fromkeys(labels):
+                found = conn.execute(select(TagRow.image_id).where(TagRow.label == label)).scalars()
+                ids = np.unique(np.fromiter(found, dtype=np.int64))
+                result = ids if result is None else np.intersect1d(result, ids, assume_unique=True)
+        return np.empty(0, np.int64) if result is None else result
+
+    def tags_of(self, ids: Sequence[int] | None = None) -> dict[int, list[tuple[str, float]]]:
+        """Stored tags by image id, most probable first."""
+        stmt = select(TagRow.image_id, TagRow.label, TagRow.probability)
+        with self.engine.connect() as conn:
+            if ids is None:
+                rows = list(conn.execute(stmt))
+            else:
+                rows = []
+                for chunk in _chunks(list(ids), 500):
+                    rows.extend(conn.execute(stmt.where(TagRow.image_id.in_(chunk))))
+        out: dict[int, list[tuple[str, float]]] = {}
+        for image_id, label, prob in rows:
+            out.setdefault(image_id, []).append((label, prob))
+        for tags in out.values():
+            tags.sort(key=lambda t: (-t[1], t[0]))
+        return out
 
     # -- writes ---------------------------------------------------------------------------
     def commit_changes(
@@ -346,17 +559,25 @@ class Catalog:
         touched: Sequence[Move] = (),
         failed: Sequence[Failure] = (),
         forget_failures: Sequence[str] = (),
+        revectored: Sequence[tuple[int, np.ndarray]] = (),
+        model_id: int | None = None,
     ) -> list[int]:
         """Apply one batch of changes in one transaction; returns the ids given to `added`.
 
-        `removed` rows are deleted before `added` rows are inserted, so a changed file can be
-        removed and re-added under its path in the same batch. `touched` updates size and
-        mtime of files whose content did not change. `failed` records files that could not be
-        indexed; a path that is indexed now, or gone, leaves that record.
+        The vectors of `added` and `revectored` ((image id, vector): a known image embedded
+        again) belong to `model_id` (default: the active model). `removed` rows are deleted
+        before `added` rows are inserted, so a changed file can be removed and re-added under
+        its path in the same batch. `touched` updates size and mtime of files whose content did
+        not change. `failed` records files that could not be indexed; a path that is indexed
+        now, or gone, leaves that record.
         """
         now = time.time()
         new_ids: list[int] = []
         with self._write() as conn:
+            target = _resolve_model(conn, model_id)
+            if (added or revectored) and target is None:
+                raise ClipdexError("the index has no model record: bind a model before adding images")
+            dim = self.dim_of(target) if target is not None else 0
             for chunk in _chunks(list(removed), 900):
                 conn.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
             for m in list(moved) + list(touched):
@@ -365,8 +586,9 @@ class Catalog:
                     .where(ImageRow.id == m.id)
                     .values(path=m.path, size=m.size, mtime_ns=m.mtime_ns)
                 )
+            vector_rows = []
             for img in added:
-                vec = np.ascontiguousarray(img.vector, dtype=np.float32)
+                blob = _vector_blob(img.vector, dim, img.path)
                 result = conn.execute(
                     insert(ImageRow)
                     .values(
@@ -379,11 +601,20 @@ class Catalog:
                         format=img.format,
                         taken_at=img.taken_at,
                         indexed_at=now,
-                        vector=vec.tobytes(),
                     )
                     .returning(ImageRow.id)
                 )
-                new_ids.append(result.scalar_one())
+                new_id = result.scalar_one()
+                new_ids.append(new_id)
+                vector_rows.append({"image_id": new_id, "model_id": target, "vector": blob})
+            for image_id, vec in revectored:
+                blob = _vector_blob(vec, dim, f"image {image_id}")
+                conn.execute(
+                    delete(VectorRow).where(VectorRow.image_id == image_id, VectorRow.model_id == target)
+                )
+                vector_rows.append({"image_id": image_id, "model_id": target, "vector": blob})
+            if vector_rows:
+                conn.execute(insert(VectorRow), vector_rows)
             settled = [
                 *forget_failures,
                 *(a.path for a in added),
@@ -396,12 +627,103 @@ class Catalog:
                 conn.execute(
                     insert(FailureRow).values(path=f.path, size=f.size, mtime_ns=f.mtime_ns, reason=f.reason)
                 )
-            conn.execute(delete(MetaRow).where(MetaRow.key == "updated_at"))
-            conn.execute(insert(MetaRow).values(key="updated_at", value=str(now)))
+            _set_meta(conn, "updated_at", str(now))
+            if added or removed or revectored or moved or touched:
+                _record_commit(conn)
         return new_ids
 
     def _write(self):  # type: ignore[no-untyped-def]
         return _WriteTxn(self)
+
+
+def _vector_blob(vector: np.ndarray, dim: int, what: str) -> bytes:
+    """The bytes to store, after checking the invariant: a finite unit-norm float32 vector."""
+    vec = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+    norm = float(np.linalg.norm(vec)) if vec.size else 0.0
+    if vec.size != dim or not np.isfinite(norm) or abs(norm - 1.0) > NORM_TOLERANCE:
+        raise ClipdexError(
+            f"refusing to store the vector of {what}: expected a finite unit-norm vector of dimension "
+            f"{dim}, got dimension {vec.size} with norm {norm:.4g}"
+        )
+    return vec.tobytes()
+
+
+def _resolve_model(conn: Connection, model_id: int | None) -> int | None:
+    if model_id is not None:
+        return model_id
+    return conn.execute(select(ModelRow.id).where(ModelRow.state == ACTIVE)).scalar_one_or_none()
+
+
+def _insert_model(conn: Connection, signature: dict, state: str) -> int:
+    return conn.execute(
+        insert(ModelRow)
+        .values(signature=json.dumps(signature, sort_keys=True), state=state)
+        .returning(ModelRow.id)
+    ).scalar_one()
+
+
+def _record_commit(conn: Connection) -> None:
+    conn.execute(insert(CommitRow).values(nonce=secrets.token_hex(8), at=time.time()))
+
+
+def _set_meta(conn: Connection, key: str, value: str) -> None:
+    conn.execute(delete(MetaRow).where(MetaRow.key == key))
+    conn.execute(insert(MetaRow).values(key=key, value=value))
+
+
+def _schema_version(conn: Connection) -> str | None:
+    has_meta = conn.exec_driver_sql(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).first()
+    if has_meta is None:
+        return None
+    return conn.execute(select(MetaRow.value).where(MetaRow.key == "schema_version")).scalar_one_or_none()
+
+
+def _table_exists(conn: Connection, name: str) -> bool:
+    found = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    return found.first() is not None
+
+
+def _create_or_upgrade(conn: Connection) -> None:
+    """Inside one write transaction: make a new catalog, add tables a later clipdex introduced,
+    or upgrade a schema-1 catalog (clipdex 0.1) to this schema."""
+    version = _schema_version(conn)
+    old = int(version) if version is not None else None
+    if old == 1 and _table_exists(conn, "tags"):
+        # 0.1's tags had no foreign key: set them aside and copy the live ones below.
+        conn.exec_driver_sql("DROP INDEX IF EXISTS ix_tags_label")
+        conn.exec_driver_sql("ALTER TABLE tags RENAME TO tags_v1")
+    Base.metadata.create_all(conn)
+    if old is None:
+        _set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+        _set_meta(conn, "created_at", str(time.time()))
+        _set_meta(conn, "index_id", uuid.uuid4().hex)
+        _record_commit(conn)
+    elif old == 1:
+        _upgrade_from_1(conn)
+
+
+def _upgrade_from_1(conn: Connection) -> None:
+    sql = conn.exec_driver_sql
+    signature = sql("SELECT signature FROM model WHERE id = 1").scalar_one_or_none()
+    if signature is not None:
+        model_id = _insert_model(conn, json.loads(signature), ACTIVE)
+        sql(
+            "INSERT INTO vectors (image_id, model_id, vector) SELECT id, ?, vector FROM images",
+            (model_id,),
+        )
+    sql("ALTER TABLE images DROP COLUMN vector")
+    if _table_exists(conn, "tags_v1"):
+        sql(
+            "INSERT INTO tags (image_id, label, probability) SELECT t.image_id, t.label, t.probability "
+            "FROM tags_v1 t JOIN images i ON i.id = t.image_id"
+        )
+        sql("DROP TABLE tags_v1")
+    sql("DROP TABLE model")
+    _set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+    _set_meta(conn, "index_id", uuid.uuid4().hex)
+    _record_commit(conn)
 
 
 class _WriteTxn:

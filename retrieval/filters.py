@@ -156,7 +156,5 @@ def select_ids(index: ImageIndex | Catalog, filters: Filters) -> np.ndarray:
         ids = [r[0] for r in rows]
     out = np.asarray(ids, dtype=np.int64)
     if filters.tags:
-        from .zeroshot import tagged_ids
-
-        out = np.intersect1d(out, tagged_ids(catalog, filters.tags), assume_unique=True)
+        out = np.intersect1d(out, catalog.tagged_ids(filters.tags), assume_unique=True)
     return out

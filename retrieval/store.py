@@ -17,15 +17,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .catalog import CATALOG_NAME, Catalog, Failure, ImageRecord, Move, NewImage
+from .catalog import (
+    CATALOG_NAME,
+    Catalog,
+    CatalogState,
+    Failure,
+    ImageRecord,
+    IndexUpgradeNeeded,
+    Move,
+    NewImage,
+)
 from .errors import ClipdexError, IndexNotFoundError, IndexWriteError
 from .hits import Hit
 from .locations import resolve_index_dir
 from .lock import WriterLock
 from .model import ModelSignature, ModelSpec, check_spec_matches
-from .text_encoder import PrefetchedText, TextFn, load_onnx_text, model_key
+from .text_encoder import PrefetchedText, TextFn, load_onnx_text, model_key, onnx_text_path
 from .textcache import TextCache
-from .vectors import VECTORS_NAME, ReconcileReport, VectorIndex, reconcile
+from .vectors import VECTORS_NAME, ReconcileReport, Stamp, VectorIndex, reconcile
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -44,6 +53,7 @@ class IndexInfo:
     images: int
     bytes_on_disk: int
     updated_at: float | None
+    index_id: str | None = None
 
 
 def resolve_model_spec(
@@ -55,8 +65,9 @@ def resolve_model_spec(
     backend: str = "auto",
 ) -> ModelSpec:
     """The model to index with: what the user named, else what the index was built with, else
-    the default (ViT-B-32, laion2b_s34b_b79k)."""
-    from .model import DEFAULT_ARCH, DEFAULT_PRETRAINED
+    the default (ViT-B-32, laion2b_s34b_b79k). An architecture named without weights gets its
+    own default tag (see model.default_pretrained), not ViT-B-32's."""
+    from .model import DEFAULT_ARCH, default_pretrained
 
     recorded = None
     directory = resolve_index_dir(path)
@@ -67,9 +78,8 @@ def resolve_model_spec(
         return ModelSpec(
             recorded.arch, pretrained or recorded.pretrained, device, precision, recorded.seed, backend
         )
-    return ModelSpec(
-        arch or DEFAULT_ARCH, pretrained or DEFAULT_PRETRAINED, device, precision, backend=backend
-    )
+    arch = arch or DEFAULT_ARCH
+    return ModelSpec(arch, pretrained or default_pretrained(arch), device, precision, backend=backend)
 
 
 class ImageIndex:
@@ -82,6 +92,7 @@ class ImageIndex:
         self._precision = precision
         self._model: ClipModel | None = None
         self._vectors: VectorIndex | None = None
+        self._vectors_state: CatalogState | None = None  # the catalog state `_vectors` reflects
         self._text_fn: TextFn | None = None
         self._prefetched: PrefetchedText | None = None
         self._text_cache: TextCache | None = None
@@ -107,7 +118,7 @@ class ImageIndex:
         directory = resolve_index_dir(path)
         if not (directory / CATALOG_NAME).exists():
             raise IndexNotFoundError(f"no index at {directory}: build one with 'clipdex index FOLDER'")
-        index = cls(directory, Catalog.open(directory), device, precision)
+        index = cls(directory, _open_catalog(directory, create=False), device, precision)
         index._prefetched = prefetched_text
         if model is not None and index.signature is not None:
             check_spec_matches(index.signature, model, f"index {directory}")
@@ -121,8 +132,7 @@ class ImageIndex:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise IndexWriteError(f"cannot create index folder {directory}: {exc.strerror or exc}") from None
-        # create=True is idempotent: it also adds tables a later clipdex introduced.
-        index = cls(directory, Catalog.open(directory, create=True), model.device, model.precision)
+        index = cls(directory, _open_catalog(directory, create=True), model.device, model.precision)
         if index.signature is not None:
             try:
                 check_spec_matches(index.signature, model, f"index {directory}")
@@ -182,21 +192,29 @@ class ImageIndex:
         return self._vectors
 
     def _load_vectors(self) -> VectorIndex:
-        dim = self.dim
-        vectors = VectorIndex.load(self.directory / VECTORS_NAME, dim) or VectorIndex.empty(dim)
-        for _attempt in range(3):
-            try:
-                reconcile(vectors, self.catalog.ids(), lambda ids: self.catalog.vectors(ids, dim))
-                return vectors
-            except KeyError:  # a row was deleted between reading ids and vectors: read again
-                continue
-        raise ClipdexError(f"index {self.directory} keeps changing under this reader; try again")
+        vectors, self._vectors_state, _ = load_vectors(self.directory, self.catalog, self.dim)
+        return vectors
 
     def refresh(self) -> None:
-        """See what a concurrent writer committed since the index was opened."""
-        if self._vectors is not None:
-            dim = self.dim
-            reconcile(self._vectors, self.catalog.ids(), lambda ids: self.catalog.vectors(ids, dim))
+        """See what a concurrent writer committed since the index was opened (a reindex that
+        switched models included)."""
+        if self._vectors is None:
+            return
+        state = self.catalog.state()
+        if state == self._vectors_state:
+            return
+        if state.model_id != self._vectors_state.model_id:
+            raw = self.catalog.model_signature()
+            self.signature = None if raw is None else ModelSignature.from_dict(raw)
+            self._model = self._text_fn = None
+            self._text_cache = None
+            self._vectors = None
+            if self.signature is not None:
+                self._vectors = self._load_vectors()
+            return
+        dim = self.dim
+        _reconcile_retrying(self._vectors, self.catalog, dim, self.directory)
+        self._vectors_state = state
 
     # -- queries --------------------------------------------------------------------------
     def search_vector(
@@ -363,10 +381,11 @@ class ImageIndex:
         return describe_image(self, image, texts, **options)  # type: ignore[arg-type]
 
     def store_tags(self, results: Sequence[ImageLabels], labels: Sequence[str]) -> int:
-        """Save classify results as tags (the `tags` filter reads them)."""
+        """Save classify results as tags (the `tags` filter reads them), as the index's writer."""
         from .zeroshot import store_tags
 
-        return store_tags(self, results, labels)
+        with self.writer():
+            return store_tags(self.catalog, results, labels)
 
     # -- facts ----------------------------------------------------------------------------
     def info(self) -> IndexInfo:
@@ -378,6 +397,7 @@ class ImageIndex:
             images=self.catalog.count(),
             bytes_on_disk=size,
             updated_at=float(updated) if updated else None,
+            index_id=self.catalog.get_meta("index_id"),
         )
 
     def records(self, ids: Sequence[int] | None = None) -> dict[int, ImageRecord]:
@@ -388,7 +408,12 @@ class ImageIndex:
 
 
 class IndexWriter:
-    """The single writer: holds the lock, commits batches, saves FAISS at checkpoints."""
+    """The single writer: holds the lock, commits batches, saves FAISS at checkpoints.
+
+    Vectors go to the active model, or, during a reindex (`begin_reindex`), to a pending model
+    built beside it: searches keep using the active model until `finish_reindex` swaps them in
+    one transaction.
+    """
 
     def __init__(self, index: ImageIndex, checkpoint_seconds: float = 60.0):
         self.index = index
@@ -396,6 +421,7 @@ class IndexWriter:
         self.checkpoint_seconds = checkpoint_seconds
         self._last_save = time.monotonic()
         self._dirty = False
+        self._pending: tuple[int, ClipModel] | None = None  # (model id, model) of a reindex
 
     def __enter__(self) -> IndexWriter:
         self.lock.acquire()
@@ -422,18 +448,67 @@ class IndexWriter:
         if index.signature is None:
             index.catalog.set_model_signature(model.signature.to_dict())
             index.signature = model.signature
+            index._vectors = None
         index.use_model(model)
 
+    # -- reindex: a new set of vectors built beside the searchable one -----------------------
+    def begin_reindex(self, model: ClipModel, carry_over: Sequence[int] = ()) -> None:
+        """Embed into a pending model from now on, resuming an interrupted reindex to the same
+        model. `carry_over`: images this run will not embed again; with the same model their
+        vectors are copied (with another model they cannot be, and the caller refuses)."""
+        index = self.index
+        catalog = index.catalog
+        if index.signature is None:
+            self.bind_model(model)
+            return
+        pending = catalog.pending_model()
+        if pending is not None and ModelSignature.from_dict(pending.signature).matches(model.signature):
+            target = pending.id
+        else:
+            target = catalog.begin_pending(model.signature.to_dict())
+        if index.signature.matches(model.signature) and len(carry_over):
+            active = catalog.active_model()
+            assert active is not None
+            done = set(catalog.ids(target).tolist())
+            catalog.copy_vectors(active.id, target, [i for i in carry_over if i not in done])
+        self._pending = (target, model)
+
+    @property
+    def reindexing(self) -> bool:
+        return self._pending is not None
+
+    def reindexed_ids(self) -> set[int]:
+        """Images that already have a vector of the pending model (from an interrupted run)."""
+        return set() if self._pending is None else set(self.index.catalog.ids(self._pending[0]).tolist())
+
+    def finish_reindex(self) -> bool:
+        """Swap the pending model in, if every image has its vector; False (nothing changed,
+        the next run resumes) while some do not."""
+        if self._pending is None:
+            return False
+        target, model = self._pending
+        index = self.index
+        if len(index.catalog.ids_without_vector(target)):
+            return False
+        old = index.signature
+        index.catalog.promote_pending()
+        self._pending = None
+        index.signature = model.signature
+        index._model = model
+        index._vectors = None
+        index._text_fn = None
+        self.save()  # a fresh FAISS file for the new model, built from the catalog
+        if old is not None and old.key() != model.signature.key():
+            _remove_derived_files(index.directory, old)
+        return True
+
+    # -- vectors ----------------------------------------------------------------------------
     def reconcile(self) -> ReconcileReport:
         """Bring the FAISS file in line with the catalog after a crash, and save it if needed."""
         index = self.index
-        vectors = VectorIndex.load(index.directory / VECTORS_NAME, index.dim)
-        missing_file = vectors is None
-        index._vectors = vectors or VectorIndex.empty(index.dim)
-        report = reconcile(
-            index._vectors, index.catalog.ids(), lambda ids: index.catalog.vectors(ids, index.dim)
-        )
-        if report.changed or missing_file:
+        vectors, index._vectors_state, report = load_vectors(index.directory, index.catalog, index.dim)
+        index._vectors = vectors
+        if report.changed or vectors.stamp is None:
             self.save()
         return report
 
@@ -445,15 +520,30 @@ class IndexWriter:
         touched: Sequence[Move] = (),
         failed: Sequence[Failure] = (),
         forget_failures: Sequence[str] = (),
+        revectored: Sequence[tuple[int, np.ndarray]] = (),
     ) -> list[int]:
-        """One transaction in the catalog, then the same change in FAISS (in memory)."""
+        """One transaction in the catalog, then the same change in FAISS (in memory).
+
+        `revectored` ((image id, vector)) only during a reindex: known images embedded again."""
         index = self.index
+        if revectored and self._pending is None:
+            raise ClipdexError("revectored images need a reindex in progress")
         # Load FAISS *before* committing: loading reconciles with the catalog, and would
         # otherwise add the rows of this very commit a second time below.
         vectors = index.vectors()
-        new_ids = index.catalog.commit_changes(added, moved, removed, touched, failed, forget_failures)
+        target = None if self._pending is None else self._pending[0]
+        new_ids = index.catalog.commit_changes(
+            added=added,
+            moved=moved,
+            removed=removed,
+            touched=touched,
+            failed=failed,
+            forget_failures=forget_failures,
+            revectored=revectored,
+            model_id=target,
+        )
         vectors.remove(np.asarray(removed, dtype=np.int64))
-        if added:
+        if added and target is None:
             vectors.add(np.asarray(new_ids, dtype=np.int64), np.stack([a.vector for a in added]))
         if added or removed:
             self._dirty = True
@@ -462,9 +552,93 @@ class IndexWriter:
         return new_ids
 
     def save(self) -> None:
-        self.index.vectors().save(self.index.directory / VECTORS_NAME)
+        """Save FAISS stamped with the catalog state it reflects: this writer applied every
+        commit since it took the lock, so that is the catalog's current state."""
+        index = self.index
+        state = index.catalog.state()
+        vectors = index.vectors()
+        stamp = (
+            None
+            if state.model_id is None
+            else Stamp(state.index_id, state.model_id, state.generation, state.nonce)
+        )
+        vectors.save(index.directory / VECTORS_NAME, stamp)
+        index._vectors_state = state
         self._last_save = time.monotonic()
         self._dirty = False
+
+
+# -- the FAISS file as a cache of the catalog: when to trust it --------------------------------
+def stamp_is_current(stamp: Stamp | None, state: CatalogState) -> bool:
+    """The file reflects exactly the catalog's last commit: usable without reading any id."""
+    return stamp is not None and (stamp.index_id, stamp.model_id, stamp.generation, stamp.nonce) == (
+        state.index_id,
+        state.model_id,
+        state.generation,
+        state.nonce,
+    )
+
+
+def stamp_is_ancestor(stamp: Stamp | None, state: CatalogState, catalog: Catalog) -> bool:
+    """The file reflects an earlier commit of this very catalog and model. Ids are never reused
+    within one catalog's history, so adding and removing the ids that differ brings it up to
+    date. A file of another catalog (recreated, copied, restored from a backup) is not: the
+    same ids may name other images there."""
+    return (
+        stamp is not None
+        and (stamp.index_id, stamp.model_id) == (state.index_id, state.model_id)
+        and stamp.generation <= state.generation
+        and catalog.has_commit(stamp.generation, stamp.nonce)
+    )
+
+
+def load_vectors(
+    directory: Path, catalog: Catalog, dim: int
+) -> tuple[VectorIndex, CatalogState, ReconcileReport]:
+    """The FAISS index for the catalog's active model: the saved file when it can be trusted
+    (brought up to date), else rebuilt from the catalog's vectors."""
+    state = catalog.state()
+    saved = VectorIndex.load(directory / VECTORS_NAME, dim)
+    if saved is not None and stamp_is_current(saved.stamp, state):
+        return saved, state, ReconcileReport(0, 0)
+    if saved is None or not stamp_is_ancestor(saved.stamp, state, catalog):
+        saved = VectorIndex.empty(dim)
+    report = _reconcile_retrying(saved, catalog, dim, directory)
+    return saved, state, report
+
+
+def _reconcile_retrying(vectors: VectorIndex, catalog: Catalog, dim: int, directory: Path) -> ReconcileReport:
+    for _attempt in range(3):
+        try:
+            return reconcile(vectors, catalog.ids(), lambda ids: catalog.vectors(ids, dim))
+        except KeyError:  # a row was deleted between reading ids and vectors: read again
+            continue
+    raise ClipdexError(f"index {directory} keeps changing under this reader; try again")
+
+
+def _open_catalog(directory: Path, *, create: bool) -> Catalog:
+    """Open (with `create`: or make) the catalog; a catalog of an older clipdex is upgraded
+    first, under the writer lock, whoever opens it."""
+    if (directory / CATALOG_NAME).exists():
+        try:
+            return Catalog.open(directory)
+        except IndexUpgradeNeeded:
+            pass
+        except IndexNotFoundError:  # its creation was interrupted: finish it, if allowed to
+            if not create:
+                raise
+    elif not create:
+        raise IndexNotFoundError(f"no index at {directory}: build one with 'clipdex index FOLDER'")
+    with WriterLock(directory):
+        return Catalog.open(directory, create=True)
+
+
+def _remove_derived_files(directory: Path, signature: ModelSignature) -> None:
+    """Files made for a model the index no longer uses (its exported text tower)."""
+    text = onnx_text_path(directory, signature)
+    for path in directory.glob(text.name + "*"):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _hit(rank: int, score: float, record: ImageRecord) -> Hit:

@@ -4,11 +4,16 @@ Vectors are unit-norm float32, so inner product is cosine similarity. The file o
 cache of the catalog's vectors: it is written through a temporary file and an atomic rename,
 and `reconcile` brings any stale copy (a crash between a commit and a save) back in line with
 the catalog by adding and removing the ids that differ.
+
+The file is FAISS's own serialisation followed by a small trailer, the Stamp: which catalog,
+model and commit the vectors reflect. FAISS readers stop at the end of the index and ignore it,
+so the file stays readable (and memory-mappable) by FAISS itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +25,44 @@ import numpy as np
 from .errors import IndexWriteError
 
 VECTORS_NAME = "vectors.faiss"
+_TRAILER_MAGIC = b"clipdex-stamp-v1"  # 16 bytes, the file's very end
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What a saved vector file reflects: catalog identity, active model id, and commit."""
+
+    index_id: str
+    model_id: int
+    generation: int
+    nonce: str
+
+    def to_bytes(self) -> bytes:
+        body = json.dumps(
+            {
+                "index_id": self.index_id,
+                "model_id": self.model_id,
+                "generation": self.generation,
+                "nonce": self.nonce,
+            },
+            sort_keys=True,
+        ).encode()
+        return body + len(body).to_bytes(8, "little") + _TRAILER_MAGIC
+
+    @classmethod
+    def from_file_bytes(cls, data: np.ndarray) -> Stamp | None:
+        """The stamp at the end of a saved file, or None (a file of clipdex 0.1, or damaged)."""
+        tail = len(_TRAILER_MAGIC) + 8
+        if len(data) < tail or data[-len(_TRAILER_MAGIC) :].tobytes() != _TRAILER_MAGIC:
+            return None
+        size = int.from_bytes(data[-tail : -len(_TRAILER_MAGIC)].tobytes(), "little")
+        if size <= 0 or size > len(data) - tail:
+            return None
+        try:
+            raw = json.loads(data[-tail - size : -tail].tobytes())
+            return cls(str(raw["index_id"]), int(raw["model_id"]), int(raw["generation"]), str(raw["nonce"]))
+        except (ValueError, KeyError, TypeError):
+            return None
 
 
 @dataclass(frozen=True)
@@ -33,8 +76,9 @@ class ReconcileReport:
 
 
 class VectorIndex:
-    def __init__(self, index: faiss.IndexIDMap2):
+    def __init__(self, index: faiss.IndexIDMap2, stamp: Stamp | None = None):
         self.index = index
+        self.stamp = stamp  # of the file it was loaded from; None for one built in memory
 
     @classmethod
     def empty(cls, dim: int) -> VectorIndex:
@@ -42,7 +86,8 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: Path, dim: int) -> VectorIndex | None:
-        """The saved index, or None when it is missing, unreadable or of another dimension."""
+        """The saved index with its stamp, or None when it is missing, unreadable or of another
+        dimension."""
         try:
             data = np.fromfile(path, dtype=np.uint8)
             index = faiss.deserialize_index(data)
@@ -50,7 +95,7 @@ class VectorIndex:
             return None
         if index.d != dim or not isinstance(index, faiss.IndexIDMap2):
             return None
-        return cls(index)
+        return cls(index, Stamp.from_file_bytes(data))
 
     @property
     def dim(self) -> int:
@@ -102,7 +147,7 @@ class VectorIndex:
         params = faiss.SearchParameters(sel=selector)
         return self.index.search(q, k, params=params)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, stamp: Stamp | None = None) -> None:
         """Write atomically: a temporary file in the same directory, fsync, rename, fsync dir."""
         data = faiss.serialize_index(self.index)
         directory = path.parent
@@ -111,6 +156,8 @@ class VectorIndex:
             fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
             with os.fdopen(fd, "wb") as f:
                 f.write(memoryview(data))
+                if stamp is not None:
+                    f.write(stamp.to_bytes())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp_name, path)

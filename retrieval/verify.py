@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .store import ImageIndex
+from .catalog import NORM_TOLERANCE
+from .store import ImageIndex, stamp_is_ancestor, stamp_is_current
 from .vectors import VECTORS_NAME, VectorIndex
-
-NORM_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -59,12 +58,26 @@ def verify_index(index: ImageIndex, *, repair: bool = False, check_files: bool =
             f"{len(bad_ids)} catalog rows hold a malformed vector (wrong size, not finite or not unit-norm)"
         )
 
+    # Rows with no vector of the active model (not even a pending one being built) can never
+    # be found: repair drops them so that the next index run embeds those files again.
+    pending = catalog.pending_model()
+    unsearchable = np.setdiff1d(
+        catalog.ids_without_vector(catalog.active_model().id),  # type: ignore[union-attr]
+        catalog.ids(pending.id) if pending is not None else np.empty(0, np.int64),
+    ).tolist()
+    if unsearchable:
+        report.problems.append(f"{len(unsearchable)} catalog rows have no vector")
+        report.images += len(unsearchable)
+
     catalog_ids = np.asarray(good_ids, dtype=np.int64)
     stored = VectorIndex.load(index.directory / VECTORS_NAME, dim)
+    state = catalog.state()
     faiss_ok = False
     if stored is None:
         if report.images:
             report.problems.append(f"{VECTORS_NAME} is missing or unreadable")
+    elif not (stamp_is_current(stored.stamp, state) or stamp_is_ancestor(stored.stamp, state, catalog)):
+        report.problems.append(f"{VECTORS_NAME} does not belong to this catalog or its model (never used)")
     else:
         faiss_ids = stored.ids()
         extra = np.setdiff1d(faiss_ids, catalog_ids)
@@ -92,10 +105,11 @@ def verify_index(index: ImageIndex, *, repair: bool = False, check_files: bool =
 
     if repair and report.problems:
         with index.writer() as writer:
-            if bad_ids:
-                catalog.commit_changes(removed=bad_ids)
+            if bad_ids or unsearchable:
+                catalog.commit_changes(removed=bad_ids + unsearchable)
                 report.repaired.append(
-                    f"dropped {len(bad_ids)} malformed rows (the next index run embeds them again)"
+                    f"dropped {len(bad_ids) + len(unsearchable)} rows without a well-formed vector "
+                    "(the next index run embeds them again)"
                 )
             if not faiss_ok:
                 rebuilt = VectorIndex.empty(dim)

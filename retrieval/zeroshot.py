@@ -2,11 +2,14 @@
 
 For an image vector v and label vectors l_1..l_L (unit norm, ensembled prompts by default):
 
-    p = softmax(logit_scale * [v . l_1, ..., v . l_L])
+    p = softmax(logit_scale * [v . l_1, ..., v . l_L])            (CLIP: labels compete)
+    p_i = sigmoid(logit_scale * v . l_i + logit_bias), each label    (SigLIP: labels independent)
 
-`logit_scale` is the model's own learned temperature (exp of its `logit_scale` parameter).
-Stored tags live in the table `tags` (image_id, label, probability) of the catalog's SQLite
-file; this module owns that table (created on first store), the catalog does not know it.
+`logit_scale` is the model's own learned temperature (exp of its `logit_scale` parameter),
+`logit_bias` the learned bias of sigmoid-loss models; both are recorded in the index's model
+signature, so scoring needs no model load (older indexes without them load the model once).
+Stored tags live in the catalog's table `tags` (image_id, label, probability), which cascades
+with the image rows.
 """
 
 from __future__ import annotations
@@ -18,36 +21,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import Column, Float, Index, Integer, MetaData, Table, Text, delete, insert, inspect, select
-from sqlalchemy.exc import OperationalError
 
 from .errors import ClipdexError
 from .query import embed_labels, unit
 
 if TYPE_CHECKING:
     from PIL import Image
-    from sqlalchemy.engine import Engine
 
     from .catalog import Catalog
     from .filters import Filters
     from .store import ImageIndex
 
-TAGS_TABLE = "tags"
-_metadata = MetaData()
-tags_table = Table(
-    TAGS_TABLE,
-    _metadata,
-    Column("image_id", Integer, primary_key=True),
-    Column("label", Text, primary_key=True),
-    Column("probability", Float, nullable=False),
-    Index("ix_tags_label", "label"),
-)
-
-
 @dataclass(frozen=True)
 class LabelScore:
     label: str
-    probability: float  # softmax over the candidate labels
+    probability: float  # softmax over the candidate labels (CLIP), or per-label sigmoid (SigLIP)
     score: float  # cosine between the image and the label's (ensembled) text vector
 
     def to_dict(self) -> dict:
@@ -93,8 +81,37 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -z))  # 1 / (1 + e^-z) without overflow for large |z|
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How cosines become probabilities: the model's learned temperature, and its bias when it
+    was trained with the sigmoid loss (SigLIP), None when with the softmax one (CLIP)."""
+
+    scale: float
+    bias: float | None = None
+
+    def probabilities(self, cosines: np.ndarray) -> np.ndarray:
+        """Over the last axis: a softmax (CLIP), or an independent sigmoid per label (SigLIP),
+        as each model was trained; a softmax would turn SigLIP's scores into a competition."""
+        logits = self.scale * np.asarray(cosines, dtype=np.float64)
+        return softmax(logits) if self.bias is None else sigmoid(logits + self.bias)
+
+
+def calibration(index: ImageIndex) -> Calibration:
+    """From the index's record; an index written before it was recorded loads the model."""
+    sig = index.signature
+    if sig is not None and sig.logit_scale is not None:
+        return Calibration(float(sig.logit_scale), None if sig.logit_bias is None else float(sig.logit_bias))
+    model = index.model
+    return Calibration(float(model.logit_scale), model.logit_bias)
+
+
 def logit_scale(index: ImageIndex) -> float:
-    return float(index.model.logit_scale)
+    return calibration(index).scale
 
 
 # -- classify ----------------------------------------------------------------------------------
@@ -117,7 +134,7 @@ def classify(
     if not labels:
         raise ClipdexError("no labels given")
     label_vecs = embed_labels(index, labels, ensemble=ensemble, templates=templates)
-    scale = logit_scale(index)
+    calib = calibration(index)
     vectors = index.vectors()
     ids = vectors.ids()
     order = np.argsort(ids, kind="stable")
@@ -135,7 +152,7 @@ def classify(
     for start in range(0, len(ids), batch):
         chunk_ids = ids[start : start + batch]
         scores = all_vecs[start : start + batch].astype(np.float64) @ label_vecs.T.astype(np.float64)
-        probs = softmax(scale * scores)
+        probs = calib.probabilities(scores)
         best = np.argsort(-probs, axis=1, kind="stable")[:, :n_top]  # ties: the order given
         for row, image_id in enumerate(chunk_ids.tolist()):
             record = records.get(image_id)
@@ -172,7 +189,7 @@ def describe_image(
     text_vecs = embed_labels(index, texts, ensemble=ensemble, templates=templates)
     image_vec = unit(index.embed_image(image))
     scores = text_vecs.astype(np.float64) @ image_vec.astype(np.float64)
-    probs = softmax(logit_scale(index) * scores)
+    probs = calibration(index).probabilities(scores)
     ranked = sorted(range(len(texts)), key=lambda j: (-scores[j], j))
     if k is not None:
         ranked = ranked[: max(0, k)]
@@ -180,66 +197,19 @@ def describe_image(
 
 
 # -- stored tags -------------------------------------------------------------------------------
-def store_tags(index: ImageIndex, results: Sequence[ImageLabels], labels: Sequence[str]) -> int:
-    """Save `results` as tags. Earlier tags from these `labels` on these images are replaced
-    (tags of other label sets stay). Returns the number of tag rows written."""
-    engine = index.catalog.engine
-    labels = _unique(labels)
-    ids = [r.id for r in results]
+def store_tags(catalog: Catalog, results: Sequence[ImageLabels], labels: Sequence[str]) -> int:
+    """Save `results` as tags in the catalog (the caller holds the index's writer lock). Earlier
+    tags from these `labels` on these images are replaced (tags of other label sets stay).
+    Returns the number of tag rows written."""
     rows = [
         {"image_id": r.id, "label": s.label, "probability": s.probability} for r in results for s in r.labels
     ]
-    try:
-        _metadata.create_all(engine)
-        with engine.begin() as conn:
-            for chunk in _chunks(ids, 500):
-                conn.execute(
-                    delete(tags_table).where(tags_table.c.image_id.in_(chunk), tags_table.c.label.in_(labels))
-                )
-            if rows:
-                conn.execute(insert(tags_table), rows)
-    except OperationalError as exc:
-        reason = str(exc.orig) if exc.orig is not None else str(exc)
-        raise ClipdexError(f"cannot store tags in {index.catalog.path}: {reason}") from None
-    return len(rows)
-
-
-def _has_tags(engine: Engine) -> bool:
-    return inspect(engine).has_table(TAGS_TABLE)
-
-
-def tagged_ids(catalog: Catalog, labels: Sequence[str]) -> np.ndarray:
-    """Sorted ids of the images tagged with every one of `labels`."""
-    engine = catalog.engine
-    if not _has_tags(engine):
-        raise ClipdexError("no tags stored in this index: run 'clipdex classify --labels ... --store' first")
-    result: np.ndarray | None = None
-    with engine.connect() as conn:
-        for label in _unique(labels):
-            found = conn.execute(select(tags_table.c.image_id).where(tags_table.c.label == label)).scalars()
-            ids = np.unique(np.asarray(list(found), dtype=np.int64))
-            result = ids if result is None else np.intersect1d(result, ids, assume_unique=True)
-    return np.empty(0, np.int64) if result is None else result
+    return catalog.replace_tags([r.id for r in results], _unique(labels), rows)
 
 
 def tags_of(catalog: Catalog, ids: Sequence[int] | None = None) -> dict[int, list[tuple[str, float]]]:
     """Stored tags by image id, most probable first."""
-    if not _has_tags(catalog.engine):
-        return {}
-    out: dict[int, list[tuple[str, float]]] = {}
-    stmt = select(tags_table.c.image_id, tags_table.c.label, tags_table.c.probability)
-    with catalog.engine.connect() as conn:
-        if ids is None:
-            rows = list(conn.execute(stmt))
-        else:
-            rows = []
-            for chunk in _chunks(list(ids), 500):
-                rows.extend(conn.execute(stmt.where(tags_table.c.image_id.in_(chunk))))
-    for image_id, label, prob in rows:
-        out.setdefault(image_id, []).append((label, prob))
-    for tags in out.values():
-        tags.sort(key=lambda t: (-t[1], t[0]))
-    return out
+    return catalog.tags_of(ids)
 
 
 def _chunks(items: list, size: int):  # type: ignore[no-untyped-def]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sqlalchemy import insert, update
 
-from retrieval.catalog import CATALOG_NAME, Catalog, ImageRow, Move, NewImage
+from retrieval.catalog import CATALOG_NAME, SCHEMA_VERSION, Catalog, ImageRow, Move, NewImage
 from retrieval.errors import ClipdexError
 
 
@@ -25,6 +25,7 @@ def new(path: str, seed: int = 0, size: int = 100, dim: int = 8) -> NewImage:
 def catalog(index_dir):
     index_dir.mkdir()
     cat = Catalog.open(index_dir, create=True)
+    cat.set_model_signature({"arch": "test", "dim": 8})
     yield cat
     cat.close()
 
@@ -35,7 +36,7 @@ def test_open_requires_create_for_a_new_catalog(index_dir):
         Catalog.open(index_dir)
     assert not (index_dir / CATALOG_NAME).exists()
     cat = Catalog.open(index_dir, create=True)
-    assert cat.get_meta("schema_version") == "1"
+    assert cat.get_meta("schema_version") == str(SCHEMA_VERSION)
     assert cat.count() == 0 and cat.model_signature() is None
     cat.close()
     Catalog.open(index_dir).close()  # now it exists
@@ -105,7 +106,7 @@ def test_exception_inside_a_write_rolls_back(catalog):
     with pytest.raises(RuntimeError), catalog._write() as conn:
         conn.execute(insert(ImageRow).values(
             path="/p.jpg", size=1, mtime_ns=1, content_hash="h", width=1, height=1,
-            format=None, taken_at=None, indexed_at=0.0, vector=unit(0).tobytes(),
+            format=None, taken_at=None, indexed_at=0.0,
         ))
         raise RuntimeError("boom")
     assert catalog.count() == 0
@@ -137,6 +138,7 @@ def test_vectors_in_requested_order_and_unknown_id_raises(catalog):
 
 
 def test_large_batches_are_chunked(catalog):
+    catalog.set_model_signature({"arch": "test", "dim": 4})
     ids = catalog.commit_changes(added=[new(f"/many/{i}.jpg", i, dim=4) for i in range(1000)])
     assert len(ids) == 1000 and catalog.count() == 1000  # over the 900-id chunks used in queries
     assert len(catalog.records(ids)) == 1000

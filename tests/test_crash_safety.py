@@ -16,6 +16,7 @@ subprocess (a second Ctrl-C to its entry point, cli.main.run, in a forked child)
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import random
@@ -289,11 +290,11 @@ def plant_kill(point: str, nth: int = 3) -> None:
     elif point == "before_the_faiss_save":
         real_save = vectors_mod.VectorIndex.save
 
-        def save(self, path):  # type: ignore[no-untyped-def]
+        def save(self, path, stamp=None):  # type: ignore[no-untyped-def]
             calls[0] += 1
             if calls[0] == nth:
                 _kill_me()
-            return real_save(self, path)
+            return real_save(self, path, stamp)
 
         vectors_mod.VectorIndex.save = save
     else:
@@ -586,10 +587,13 @@ def _damage(index_dir: Path, how: str) -> str:
         assert at > 0
         path.write_bytes(data[: at + 9] + bytes([data[at + 9] ^ 0x40]) + data[at + 10 :])
         return "FAISS vectors differ from the catalog's"
-    elif how == "stale":
+    elif how == "stale":  # saved at an earlier commit (a kill before the last save)
         stored = VectorIndex.load(path, 64)
         stored.remove(stored.ids()[-1:])
-        stored.save(path)
+        with sqlite3.connect(index_dir / CATALOG_NAME) as conn:
+            history = conn.execute("SELECT generation, nonce FROM commits ORDER BY generation DESC")
+            earlier = history.fetchall()[1]
+        stored.save(path, dataclasses.replace(stored.stamp, generation=earlier[0], nonce=earlier[1]))
         return "FAISS and catalog differ: 1 ids only in the catalog, 0 only in FAISS"
     return f"{VECTORS_NAME} is missing or unreadable"
 
