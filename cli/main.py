@@ -64,7 +64,8 @@ def index(
             "--pretrained",
             "-p",
             help="Pretrained tag, local checkpoint file/folder, or 'random' "
-            "[default: the index's, else laion2b_s34b_b79k].",
+            "[default: the index's, else the model's first open_clip tag; laion2b_s34b_b79k for "
+            "ViT-B-32].",
         ),
     ] = None,
     device: DeviceOpt = "auto",
@@ -75,7 +76,13 @@ def index(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding threads (0: automatic).")] = 0,
     reindex: Annotated[
-        bool, typer.Option("--reindex", help="Embed every file again (also to switch models).")
+        bool,
+        typer.Option(
+            "--reindex",
+            help="Embed every file again (also to switch models). The new vectors are built beside "
+            "the old ones, which searches keep using until the swap at the end; a stopped reindex "
+            "resumes when run again.",
+        ),
     ] = False,
     errors: Annotated[
         Path | None, typer.Option("--errors", help="Write failed files and reasons here (TSV).")
@@ -86,6 +93,17 @@ def index(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds before one file's decoding is given up.")
     ] = 60.0,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            metavar="PATTERN",
+            help="Leave out what matches PATTERN (.gitignore rules, relative to each FOLDER; 'raw/' is a "
+            "folder). Repeatable. Remembered per folder: later runs use them until --exclude is given "
+            "again, which replaces them; --exclude '' forgets them. Already indexed images that are now "
+            "excluded leave the index. A .clipdexignore file does the same for its folder and below.",
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Index image folders (incremental: only new and changed files are embedded)."""
@@ -100,6 +118,7 @@ def index(
         decode_timeout=timeout,
         decode=DecodeOptions(max_pixels=max_pixels),
         reindex=reindex,
+        excludes=tuple(exclude) if exclude is not None else None,
     )
     stop = threading.Event()
     bar = _ProgressBar()
@@ -126,8 +145,9 @@ def index(
             for path, reason in summary.failed:
                 f.write(f"{safe(path)}\t{reason}\n")
     if json_:
-        data = {k: v for k, v in vars(summary).items() if k != "failed"}
+        data = {k: v for k, v in vars(summary).items() if k not in ("failed", "skipped")}
         data["failed"] = [{"path": p, "reason": r} for p, r in summary.failed]
+        data["skipped"] = [{"path": p, "reason": r} for p, r in summary.skipped]
         data["images_per_second"] = summary.images_per_second
         print(json.dumps(data, indent=2))
     else:
@@ -135,15 +155,37 @@ def index(
         print(
             f"{state}: {summary.added} added, {summary.updated} updated, {summary.moved} moved, "
             f"{summary.removed} removed, {summary.unchanged} unchanged, {len(summary.failed)} failed "
-            f"({summary.seconds:.1f} s; embedding {summary.images_per_second:.1f} images/s)"
+            f"({summary.seconds:.1f} s; embedding {summary.images_per_second:.1f} images/s; "
+            f"model {safe(summary.model)})"
         )
         for path, reason in summary.failed[:10]:
             print(f"  failed: {safe(path)}: {reason}", file=sys.stderr)
         if len(summary.failed) > 10:
             hint = f" (all in {errors})" if errors else " (use --errors FILE for the full list)"
             print(f"  ... and {len(summary.failed) - 10} more{hint}", file=sys.stderr)
+        _print_skipped(summary.skipped)
+        if summary.reindex_pending:
+            print(
+                "reindex not finished: some files could not be read; searches still use the old "
+                "vectors. Run the same command again to finish it.",
+                file=sys.stderr,
+            )
     if summary.interrupted:
         raise typer.Exit(130)
+
+
+def _print_skipped(skipped: list[tuple[str, str]], shown: int = 5) -> None:
+    if not skipped:
+        return
+    n = len(skipped)
+    what = "1 folder could not be read and was skipped (its" if n == 1 else (
+        f"{n} folders could not be read and were skipped (their"
+    )
+    print(f"{what} indexed photos are kept):", file=sys.stderr)
+    for path, reason in skipped[:shown]:
+        print(f"  {safe(path)}: {reason}", file=sys.stderr)
+    if n > shown:
+        print(f"  ... and {n - shown} more (--json lists them all)", file=sys.stderr)
 
 
 class _ProgressBar:
@@ -540,14 +582,43 @@ def verify(
             print(f"repaired: {line}")
         if report.missing_files:
             print(
-                f"{len(report.missing_files)} indexed files no longer exist "
-                "(run 'clipdex index' to forget them):"
+                f"{len(report.missing_files)} indexed files no longer exist (run 'clipdex index FOLDER' "
+                "on their folder, or 'clipdex forget PATH' for a folder or disk that is gone):"
             )
             for path in report.missing_files[:10]:
                 print(f"  {safe(path)}")
         print(f"{'ok' if report.ok else 'NOT ok'}: {report.images} images checked")
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def forget(
+    paths: Annotated[list[Path], typer.Argument(help="Folders or files that no longer exist.")],
+    index_dir: IndexOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Also forget paths that still exist (or cannot be checked).")
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Drop the indexed images under folders or files that are gone (an unplugged disk, a deleted
+    folder). 'clipdex index' refuses a missing folder, so this is how its images leave the index."""
+    from indexer.forget import forget_paths
+
+    summary = forget_paths(index_dir, paths, allow_existing=force)
+    if json_:
+        data = {
+            "forgotten": [{"path": p, "images": n} for p, n in summary.forgotten],
+            "images": summary.images,
+            "failures_forgotten": summary.failures_forgotten,
+        }
+        print(json.dumps(data, indent=2))
+        return
+    for path, n in summary.forgotten:
+        if n:
+            print(f"forgot {n} image{'s' if n != 1 else ''} under {safe(path)}")
+        else:
+            print(f"nothing indexed under {safe(path)}")
 
 
 def run() -> None:

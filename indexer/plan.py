@@ -2,18 +2,22 @@
 
 A file is known by (path, size, mtime). A new path whose size equals a vanished row's size is
 hashed at once: equal content means the file moved, and its row (and vector) follow it.
+
+Only a file positively seen gone vanishes: rows at or under a path the scan could not read (a
+folder it could not list, a file or link it could not stat) stay as they are.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from retrieval.catalog import Failure, ImageRecord, Move
 
-from .scan import FileInfo, ScanProblem
+from .scan import FileInfo, ScanItem, ScanProblem, SkippedFolder
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Plan:
     removed: list[int] = field(default_factory=list)
     unchanged: int = 0
     problems: list[ScanProblem] = field(default_factory=list)
+    skipped: list[SkippedFolder] = field(default_factory=list)  # their rows were kept as they are
     known_failures: list[Failure] = field(default_factory=list)  # unchanged since they last failed
     forget_failures: list[str] = field(default_factory=list)  # failure records of vanished files
 
@@ -43,7 +48,7 @@ def sha256_file(path: str) -> str:
 
 
 def make_plan(
-    scanned: Iterable[FileInfo | ScanProblem],
+    scanned: Iterable[ScanItem],
     existing: dict[str, ImageRecord],
     *,
     failures: dict[str, Failure] | None = None,
@@ -59,6 +64,9 @@ def make_plan(
     for item in scanned:
         if isinstance(item, ScanProblem):
             plan.problems.append(item)
+            continue
+        if isinstance(item, SkippedFolder):
+            plan.skipped.append(item)
             continue
         seen.add(item.path)
         record = existing.get(item.path)
@@ -81,9 +89,16 @@ def make_plan(
         else:
             plan.unchanged += 1
 
+    unknown = {item.path for item in (*plan.problems, *plan.skipped)}
+
+    def gone(path: str) -> bool:
+        return path not in seen and not _at_or_under(path, unknown)
+
+    # Rows under an unreadable path are not move candidates either: their file may still be
+    # there, and would come back as a second row once it can be read again.
     vanished: dict[int, list[ImageRecord]] = defaultdict(list)
     for path, record in existing.items():
-        if path not in seen:
+        if gone(path):
             vanished[record.size].append(record)
     for info in new_files:
         candidates = vanished.get(info.size) if not reindex else None
@@ -99,5 +114,19 @@ def make_plan(
                 continue
         plan.jobs.append(EmbedJob(info))
     plan.removed = sorted(r.id for rows in vanished.values() for r in rows)
-    plan.forget_failures = [path for path in failures if path not in seen]
+    plan.forget_failures = [path for path in failures if gone(path)]
     return plan
+
+
+def _at_or_under(path: str, folders: set[str]) -> bool:
+    """`path` is one of `folders` or lies below one; by ancestor lookups, so that many unreadable
+    paths cost no more than a few."""
+    if not folders:
+        return False
+    while True:
+        if path in folders:
+            return True
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent

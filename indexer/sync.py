@@ -9,15 +9,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from retrieval.catalog import Failure, Move, NewImage
 from retrieval.errors import ClipdexError
 from retrieval.model import ClipModel, ModelSpec
-from retrieval.store import ImageIndex, resolve_model_spec
+from retrieval.store import ImageIndex, IndexWriter, resolve_model_spec
 from retrieval.text_encoder import export_onnx_text
 
 from .decode import Decoded, DecodeOptions, Failed, SameContent, decode_job
+from .ignore import remember_excludes
 from .pipeline import DecodePool
-from .plan import EmbedJob, make_plan
+from .plan import EmbedJob, Plan, make_plan
 from .scan import normalize_roots, scan, under_roots
 
 
@@ -29,12 +32,17 @@ class IndexSummary:
     removed: int = 0
     unchanged: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # (folder, reason): could not be read this time; its indexed images were kept as they are
+    skipped: list[tuple[str, str]] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
     embedded: int = 0
     model_seconds: float = 0.0  # time inside the model (the caller's thread)
     decode_seconds: float = 0.0  # reading, decoding and preprocessing, summed over worker threads
     embed_seconds: float = 0.0  # wall time of the embedding pipeline (no start-up, no model load)
+    # --reindex left unfinished (some files could not be read): searches still use the old vectors
+    reindex_pending: bool = False
+    model: str = ""  # the weights used: "ARCH / PRETRAINED", e.g. "ViT-B-16 / openai"
 
     @property
     def images_per_second(self) -> float:
@@ -50,6 +58,9 @@ class IndexOptions:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     reindex: bool = False
     checkpoint_seconds: float = 60.0
+    # --exclude: replaces the patterns remembered for these roots ('' entries dropped, so [''] clears
+    # them); None uses the remembered ones.
+    excludes: tuple[str, ...] | None = None
 
 
 Progress = Callable[[int, int], None]  # (files processed, files to process)
@@ -80,7 +91,7 @@ def index_folders(
     # No model named: the index's own (or the default for a new index), as on the command line.
     spec = model.spec if isinstance(model, ClipModel) else (model or resolve_model_spec(index_dir))
     index = ImageIndex.create(index_dir, spec) if not opts.reindex else _open_for_reindex(index_dir, spec)
-    summary = IndexSummary()
+    summary = IndexSummary(model=f"{spec.arch_name()} / {spec.pretrained}")
     try:
         with index.writer() as writer:
             writer.checkpoint_seconds = opts.checkpoint_seconds
@@ -89,19 +100,21 @@ def index_folders(
             if clip is None and (index.signature is None or opts.reindex):
                 clip = ClipModel(spec)
             if clip is not None:
-                if (
-                    opts.reindex
-                    and index.signature is not None
-                    and not index.signature.matches(clip.signature)
-                ):
-                    _forget_everything(index, root_list)
-                writer.bind_model(clip)
+                if opts.reindex:
+                    _begin_reindex(writer, index, clip, root_list)
+                else:
+                    writer.bind_model(clip)
             writer.reconcile()
             existing = {r.path: r for r in index.catalog.records().values() if under_roots(r.path, root_list)}
             failures = {p: f for p, f in index.catalog.failures().items() if under_roots(p, root_list)}
-            plan = make_plan(scan(root_list), existing, failures=failures, reindex=opts.reindex)
+            ignore = remember_excludes(index.catalog, root_list, opts.excludes)  # stored under the lock
+            scanned = scan(root_list, ignore=ignore)
+            plan = make_plan(scanned, existing, failures=failures, reindex=opts.reindex)
+            if writer.reindexing:
+                _skip_reindexed(plan, writer.reindexed_ids())
             summary.unchanged = plan.unchanged
             summary.failed.extend((p.path, p.reason) for p in plan.problems)
+            summary.skipped.extend((s.path, s.reason) for s in plan.skipped)
             summary.failed.extend((f.path, f.reason) for f in plan.known_failures)
             if plan.moves or plan.removed or plan.forget_failures:
                 writer.commit(moved=plan.moves, removed=plan.removed, forget_failures=plan.forget_failures)
@@ -114,7 +127,9 @@ def index_folders(
                 t0 = time.monotonic()
                 _embed(writer, clip, plan.jobs, opts, summary, progress, stop)
                 summary.embed_seconds = time.monotonic() - t0
-            if clip is not None and not summary.interrupted:
+            if writer.reindexing and not summary.interrupted:
+                summary.reindex_pending = not writer.finish_reindex()
+            if clip is not None and not summary.interrupted and not writer.reindexing:
                 export_onnx_text(index.directory, clip)  # once per index: fast cold text queries
     finally:
         index.close()
@@ -131,52 +146,69 @@ def _embed(
     progress: Progress | None,
     stop: threading.Event | None,
 ) -> None:
+    from contextlib import closing
+
     import torch
 
     total = len(jobs)
-    done = 0
+    handled = 0  # files back from the decoders, of every kind: the one counter progress shows
     batch: list[Decoded] = []
     touched: list[Move] = []
     stale: list[int] = []  # rows of changed files that can no longer be read
     failed: list[Failure] = []
+    # Commits, progress and the stop check come every batch_size files handled (or every few
+    # seconds), whatever the files turn out to be: a run of touched files or of failures embeds
+    # nothing, and must still keep its work as it goes and answer Ctrl-C.
+    commit_seconds = 2.0
+    since_commit, last_commit = 0, time.monotonic()
 
-    def flush() -> None:
-        nonlocal done
-        if not (batch or touched or stale or failed):
-            return
-        added: list[NewImage] = []
-        replaced: list[int] = list(stale)
-        if batch:
-            t0 = time.perf_counter()
-            vectors = clip.encode_images(torch.stack([d.pixels for d in batch]))
-            summary.model_seconds += time.perf_counter() - t0
-            for d, vec in zip(batch, vectors):
-                added.append(
-                    NewImage(
-                        d.job.info.path,
-                        d.size,
-                        d.mtime_ns,
-                        d.content_hash,
-                        d.width,
-                        d.height,
-                        d.format,
-                        d.taken_at,
-                        vec,
+    def flush(embed: bool) -> None:
+        """Commit what is pending (the decoded batch too if `embed`), then report progress."""
+        nonlocal since_commit, last_commit
+        embedding = list(batch) if embed else []
+        if embedding or touched or stale or failed:
+            added: list[NewImage] = []
+            replaced: list[int] = list(stale)
+            revectored: list[tuple[int, np.ndarray]] = []
+            if embedding:
+                t0 = time.perf_counter()
+                vectors = clip.encode_images(torch.stack([d.pixels for d in embedding]))
+                summary.model_seconds += time.perf_counter() - t0
+                for d, vec in zip(embedding, vectors):
+                    if _reembeds_same_file(d.job) and d.content_hash == d.job.previous.content_hash:
+                        revectored.append((d.job.previous.id, vec))  # keeps its row, id and tags
+                        continue
+                    added.append(
+                        NewImage(
+                            d.job.info.path,
+                            d.size,
+                            d.mtime_ns,
+                            d.content_hash,
+                            d.width,
+                            d.height,
+                            d.format,
+                            d.taken_at,
+                            vec,
+                        )
                     )
-                )
-                if d.job.previous is not None:
-                    replaced.append(d.job.previous.id)
-        writer.commit(added=added, removed=replaced, touched=touched, failed=failed)
-        summary.embedded += len(added)
-        summary.updated += sum(1 for d in batch if d.job.previous is not None)
-        summary.added += sum(1 for d in batch if d.job.previous is None)
-        summary.unchanged += len(touched)
-        summary.removed += len(stale)
-        done += len(batch) + len(touched) + len(stale)
-        batch.clear()
-        touched.clear()
-        stale.clear()
-        failed.clear()
+                    if d.job.previous is not None:
+                        replaced.append(d.job.previous.id)
+            writer.commit(
+                added=added, removed=replaced, touched=touched, failed=failed, revectored=revectored
+            )
+            summary.embedded += len(added) + len(revectored)
+            summary.updated += sum(1 for d in embedding if d.job.previous is not None)
+            summary.added += sum(1 for d in embedding if d.job.previous is None)
+            summary.unchanged += len(touched)
+            summary.removed += len(stale)
+            if embed:
+                batch.clear()
+            touched.clear()
+            stale.clear()
+            failed.clear()
+        since_commit, last_commit = 0, time.monotonic()
+        if progress:
+            progress(handled - len(batch), total)  # files still waiting for the model are not done
 
     workers = opts.decode_workers or default_decode_workers()
     decode_time = [0.0]
@@ -197,31 +229,47 @@ def _embed(
         max_pending=max(8, 2 * opts.batch_size),
         timeout=opts.decode_timeout,
     )
-    failed_since_progress = 0
-    for result in pool.run(jobs):
-        if isinstance(result, Decoded):
-            batch.append(result)
-        elif isinstance(result, SameContent):
-            touched.append(Move(result.job.previous.id, result.job.info.path, result.size, result.mtime_ns))
-        else:
-            summary.failed.append((result.path, result.reason))
-            failed_since_progress += 1
-            if result.permanent and result.size is not None and result.mtime_ns is not None:
-                failed.append(Failure(result.path, result.size, result.mtime_ns, result.reason))
-            if result.job is not None and result.job.previous is not None:
-                stale.append(result.job.previous.id)
-        if len(batch) >= opts.batch_size:
-            flush()
-            if progress:
-                progress(done + failed_since_progress, total)
-            if stop is not None and stop.is_set():
-                summary.interrupted = True
-                summary.decode_seconds = decode_time[0]
-                return
-    flush()
-    summary.decode_seconds = decode_time[0]
-    if progress:
-        progress(total, total)
+    try:
+        # Closed on every way out (stop, an exception): no decoder thread outlives the run.
+        with closing(pool.run(jobs)) as results:
+            for result in results:
+                handled += 1
+                since_commit += 1
+                if isinstance(result, Decoded):
+                    batch.append(result)
+                elif isinstance(result, SameContent):
+                    previous_id = result.job.previous.id
+                    touched.append(Move(previous_id, result.job.info.path, result.size, result.mtime_ns))
+                else:
+                    summary.failed.append((result.path, result.reason))
+                    if result.permanent and result.size is not None and result.mtime_ns is not None:
+                        failed.append(Failure(result.path, result.size, result.mtime_ns, result.reason))
+                    job = result.job
+                    # A changed file that cannot be read leaves; a file that a reindex could not
+                    # read this time keeps its row (the reindex is finished by a later run).
+                    keeps_row = not result.permanent and job is not None and _reembeds_same_file(job)
+                    if job is not None and job.previous is not None and not keeps_row:
+                        stale.append(job.previous.id)
+                if len(batch) >= opts.batch_size:
+                    flush(embed=True)
+                elif since_commit >= opts.batch_size or time.monotonic() - last_commit >= commit_seconds:
+                    flush(embed=False)  # keeps a part-filled batch for the model: batches stay full
+                else:
+                    continue
+                if stop is not None and stop.is_set():
+                    # Whole batches only: files of a part-filled batch never reached the model, and
+                    # are left for the next run like those not decoded yet.
+                    summary.interrupted = True
+                    return
+        flush(embed=True)
+    finally:
+        summary.decode_seconds = decode_time[0]
+
+
+def _reembeds_same_file(job: EmbedJob) -> bool:
+    """A reindex job for a file whose size and mtime did not change since it was indexed."""
+    prev = job.previous
+    return job.force and prev is not None and (prev.size, prev.mtime_ns) == (job.info.size, job.info.mtime_ns)
 
 
 def _open_for_reindex(index_dir, spec: ModelSpec) -> ImageIndex:  # type: ignore[no-untyped-def]
@@ -234,16 +282,26 @@ def _open_for_reindex(index_dir, spec: ModelSpec) -> ImageIndex:  # type: ignore
     return ImageIndex.create(directory, spec)
 
 
-def _forget_everything(index: ImageIndex, roots: list[str]) -> None:
-    """A reindex with another model: vectors of the old model cannot be mixed with the new, so
-    every row goes; refused unless `roots` cover all of them (nothing is dropped unasked)."""
-    outside = [r.path for r in index.catalog.records().values() if not under_roots(r.path, roots)]
-    if outside:
+def _begin_reindex(writer: IndexWriter, index: ImageIndex, clip: ClipModel, roots: list[str]) -> None:
+    """Embed everything under `roots` into a new set of vectors beside the searchable one.
+    Another model cannot keep vectors of images this run does not reach: refused unless `roots`
+    cover the whole index (nothing is dropped unasked)."""
+    outside = [r for r in index.catalog.records().values() if not under_roots(r.path, roots)]
+    if outside and index.signature is not None and not index.signature.matches(clip.signature):
         raise ClipdexError(
             f"switching models re-embeds the whole index, which also holds {len(outside)} images outside "
-            f"the folders given (e.g. {outside[0]}): pass every indexed folder, or use a new --index"
+            f"the folders given (e.g. {outside[0].path}): pass every indexed folder, or use a new --index"
         )
-    index.catalog.commit_changes(removed=index.catalog.ids().tolist())
-    index.catalog.clear_model_signature()
-    index.signature = None
-    index._vectors = None
+    writer.begin_reindex(clip, carry_over=[r.id for r in outside])
+
+
+def _skip_reindexed(plan: Plan, done: set[int]) -> None:
+    """Resuming an interrupted reindex: unchanged files that already have their new vector."""
+    todo = []
+    for job in plan.jobs:
+        prev = job.previous
+        if _reembeds_same_file(job) and prev.id in done:
+            plan.unchanged += 1
+        else:
+            todo.append(job)
+    plan.jobs = todo

@@ -18,8 +18,11 @@ from PIL import Image, ImageOps
 
 from .errors import ImageLoadError
 
-BASE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+# `.jpe` is JPEG's third name (Pillow registers it as JPEG); formats that need a plugin or a
+# codec are listed only where the installed Pillow can read them.
+BASE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
+AVIF_EXTENSIONS = frozenset({".avif"})
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels: larger than any camera photo, far below a bomb
 
 _EXIF_ORIENTATION = 0x0112
@@ -38,8 +41,26 @@ def heif_available() -> bool:
     return True
 
 
+@lru_cache(maxsize=1)
+def avif_available() -> bool:
+    # Pillow reads AVIF itself from 11.3 on, where its wheel was built with libavif.
+    from PIL import features
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a Pillow too old to know the feature warns, says False
+        return bool(features.check("avif"))
+
+
+@lru_cache(maxsize=1)
 def image_extensions() -> frozenset[str]:
-    return BASE_EXTENSIONS | HEIF_EXTENSIONS if heif_available() else BASE_EXTENSIONS
+    """The file names clipdex reads as images, lowercase with the dot: the one list for the
+    indexer's scan and for query images."""
+    extensions = BASE_EXTENSIONS
+    if heif_available():
+        extensions |= HEIF_EXTENSIONS
+    if avif_available():
+        extensions |= AVIF_EXTENSIONS
+    return extensions
 
 
 @dataclass

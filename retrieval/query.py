@@ -35,9 +35,14 @@ if TYPE_CHECKING:
 TermKind = Literal["text", "image"]
 # `W:` before a term; not when a digit follows the colon, so "12:30 sunset" stays a text.
 _WEIGHT = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*:(?!\d)(.*)$", re.DOTALL)
-_IMAGE_SUFFIXES = frozenset(
-    [".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"]
-)
+
+
+def _image_suffixes() -> frozenset[str]:
+    # The indexer's own list, so that a query image is any file the index could hold; imported
+    # here, not at the top, because text queries start without Pillow.
+    from .imageio import image_extensions
+
+    return image_extensions()
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class Term:
         if os.path.isfile(os.path.expanduser(value)):
             return cls("image", value, weight)
         stripped = value.strip()
-        if not any(c.isspace() for c in stripped) and Path(stripped).suffix.lower() in _IMAGE_SUFFIXES:
+        if not any(c.isspace() for c in stripped) and Path(stripped).suffix.lower() in _image_suffixes():
             raise ClipdexError(f"image not found: {stripped}")
         return cls("text", value, weight)
 

@@ -15,11 +15,14 @@ from pathlib import Path
 import pytest
 from conftest import TINY_ARCH, write_scenes
 
+from retrieval.imageio import image_extensions
 from retrieval.store import ImageIndex
 
 _SCRIPT = Path(sys.executable).with_name("clipdex")
 CLIPDEX = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cli.main"]
 TIMEOUT = 180
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"  # the project's sample pictures
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -62,10 +65,14 @@ def cli(tmp_path_factory, tiny_checkpoint, other_checkpoint):
     model = ["-m", TINY_ARCH, "-p", str(tiny_checkpoint), "--device", "cpu"]
 
     missing = start(["search", "anything", "--index", str(work / "no-index-here")], work)  # needs no index
+    data_index = work / "data-index"
+    data_before = sorted(DATA.iterdir())
+    samples = start(["index", str(DATA), "--index", str(data_index), *model, "--json"], work)
     indexed = finish(start(
         ["index", str(photos), "--index", str(index_dir), *model, "--errors", str(errors_file), "--json"],
         work,
     ))
+    samples_indexed = finish(samples)
     query = str(good[2])
     at = ["--index", str(index_dir)]
     cpu = ["--device", "cpu"]
@@ -79,12 +86,17 @@ def cli(tmp_path_factory, tiny_checkpoint, other_checkpoint):
         "mismatch": [
             "index", str(photos), "--index", str(index_dir), "-m", TINY_ARCH, "-p", str(other_checkpoint)
         ],
+        "data_similar": [
+            "similar", str(DATA / "sun_over_field.jpg"), "--index", str(data_index), "-k", "3", "--json", *cpu
+        ],
     }
     procs = {name: start(args, work) for name, args in runs.items()} if indexed.returncode == 0 else {}
     procs["missing_index"] = missing
     results = {name: finish(p) for name, p in procs.items()}
     return {
         "indexed": indexed,
+        "samples_indexed": samples_indexed,
+        "data_before": data_before,
         "results": results,
         "index_dir": index_dir,
         "good": [str(p) for p in good],
@@ -187,3 +199,68 @@ def test_missing_index_is_a_one_line_error(cli, tmp_path):
     run = result(cli, "missing_index")
     assert_one_line_error(run, "no index")
     assert run.stdout == b""
+
+
+# -- the project's sample pictures (data/) and the quickstart ----------------------------------------
+def test_the_samples_index_without_a_failure_and_similar_finds_samples(cli):
+    run = cli["samples_indexed"]
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    samples = [p for p in cli["data_before"] if p.suffix.lower() in image_extensions()]
+    assert summary["failed"] == [] and summary["added"] == len(samples) >= 6
+    similar = result(cli, "data_similar")
+    assert similar.returncode == 0, similar.stderr
+    hits = json.loads(similar.stdout)
+    assert len(hits) == 3
+    assert all(Path(h["path"]).parent == DATA for h in hits)
+    assert str(DATA / "sun_over_field.jpg") not in [h["path"] for h in hits]
+    assert sorted(DATA.iterdir()) == cli["data_before"]  # nothing written into data/
+
+
+def quickstart(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    script = ROOT / "scripts" / "quickstart.sh"
+    if not (ROOT / ".venv" / "bin" / "clipdex").exists():
+        pytest.skip("quickstart runs the .venv beside the repository, which is not there")
+    env = dict(os.environ)
+    env.update(
+        QUICKSTART_SETUP="0",  # the .venv is there already; no install from a test
+        CLIPDEX_CACHE=str(tmp_path / "cache"),
+        CLIPDEX_INDEX=str(tmp_path / "default-index"),
+        OMP_NUM_THREADS="1",
+        PYTHONIOENCODING="utf-8",
+    )
+    return subprocess.run(
+        ["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=2 * TIMEOUT
+    )
+
+
+TINY_RANDOM = ["-m", TINY_ARCH, "-p", "random", "--device", "cpu"]
+
+
+def test_quickstart_alone_indexes_and_searches_the_samples(tmp_path):
+    before = sorted(DATA.iterdir())
+    samples = [p for p in before if p.suffix.lower() in image_extensions()]
+    run = quickstart(TINY_RANDOM, tmp_path)
+    assert run.returncode == 0, run.stderr
+    hits = [line for line in run.stdout.splitlines() if str(DATA) in line]
+    assert len(hits) == len(samples), run.stdout
+    assert (tmp_path / "cache" / "quickstart-index").is_dir()
+    assert not (tmp_path / "default-index").exists()  # the user's own index is not touched
+    assert sorted(DATA.iterdir()) == before
+    again = quickstart(TINY_RANDOM, tmp_path)  # afresh each time: no model clash, no leftovers
+    assert again.returncode == 0, again.stderr
+    assert f"{len(samples)} added" in again.stdout
+
+
+def test_quickstart_with_a_folder_indexes_it_into_the_default_index(tmp_path):
+    write_scenes(tmp_path / "photos", 3)
+    run = quickstart([str(tmp_path / "photos"), "a red circle", *TINY_RANDOM], tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "3 added" in run.stdout
+    assert sum(str(tmp_path / "photos") in line for line in run.stdout.splitlines()) == 3
+    assert (tmp_path / "default-index").is_dir()
+
+
+def test_quickstart_with_a_folder_but_no_query_prints_its_usage(tmp_path):
+    run = quickstart([str(tmp_path)], tmp_path)
+    assert run.returncode == 2 and run.stderr.startswith("usage:"), run.stderr

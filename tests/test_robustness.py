@@ -113,7 +113,6 @@ def test_every_bad_file_is_reported_every_good_one_indexed(tmp_path, tiny_clip_m
         good["file_in_unreadable_folder"] = corpus.unreadable["file_in_folder"]
     else:
         bad["unreadable_file"] = (corpus.unreadable["file"], r"^permission denied$")
-        bad["unreadable_folder"] = (corpus.unreadable["folder"], r"^permission denied$")
     try:
         delete_after_scan(monkeypatch, bad["deleted_after_scan"][0])
         rewrite_while_reading(monkeypatch, always=bad["changes_while_read"][0], once=good["rewritten_once"])
@@ -135,6 +134,9 @@ def test_every_bad_file_is_reported_every_good_one_indexed(tmp_path, tiny_clip_m
         unexpected = {p: r for p, r in failed.items() if p not in label_of}
         assert not unexpected, f"good files reported as failed: {unexpected}"
         assert not summary.interrupted
+        # A folder that cannot be listed is skipped (its rows would be kept), not a failed file.
+        expected_skipped = [] if IS_ROOT else [(corpus.unreadable["folder"], "permission denied")]
+        assert summary.skipped == expected_skipped
 
         # Every good file indexed, with the bytes it has now, its upright size, and nothing else.
         with ImageIndex.open(index_dir) as index:
@@ -424,7 +426,8 @@ def test_the_index_folder_holds_no_pickle(tmp_path, tiny_clip_model):
     lock = files["writer.lock"].read_bytes()
     assert lock == b"" or isinstance(json.loads(lock), dict)
     # the catalog and the query cache: SQLite holding plain values
-    assert {"images", "model", "meta"} <= set(_check_sqlite_values(files[CATALOG_NAME]))
+    tables = set(_check_sqlite_values(files[CATALOG_NAME]))
+    assert {"images", "models", "vectors", "tags", "commits", "meta"} <= tables
     if "query-cache.sqlite" in files:
         _check_sqlite_values(files["query-cache.sqlite"])
     # the text tower: an ONNX protobuf whose weights file is raw tensor data it points to
@@ -439,3 +442,44 @@ def test_the_index_folder_holds_no_pickle(tmp_path, tiny_clip_model):
             }
             weights = {n for n in files if n.startswith(name + ".") and n.endswith(".data")}
             assert weights <= locations, (weights, locations)
+
+
+# -- formats: one list for the indexer and for query images ---------------------------------------
+def test_query_images_and_the_indexer_accept_the_same_file_names():
+    from retrieval.errors import ClipdexError
+    from retrieval.imageio import image_extensions
+    from retrieval.query import Term
+
+    known = image_extensions()
+    candidates = set(known) | {".jpe", ".jfif", ".avif", ".heic", ".heif", ".txt", ".raw", ".svg"}
+    for ext in sorted(candidates):
+        # A missing file named like an image is refused as such; any other name is a text.
+        name = f"no-such-photo{ext}"
+        if ext in known:
+            with pytest.raises(ClipdexError, match="image not found"):
+                Term.guess(name)
+        else:
+            assert Term.guess(name).kind == "text", ext
+
+
+def test_jpe_files_are_indexed(tmp_path, tiny_clip_model):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    make_scene(11, (96, 72)).save(photos / "camera.jpe", "JPEG", quality=90)
+    summary = index_folders([photos], tmp_path / "index", tiny_clip_model)
+    assert summary.added == 1 and summary.failed == []
+
+
+def test_avif_files_are_indexed_when_pillow_reads_them(tmp_path, tiny_clip_model):
+    from PIL import features
+
+    from retrieval.imageio import image_extensions
+
+    if not features.check("avif"):
+        assert ".avif" not in image_extensions()  # not listed where it cannot be read
+        pytest.skip("this Pillow has no AVIF support")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    make_scene(12, (96, 72)).save(photos / "phone.avif", "AVIF", quality=90)
+    summary = index_folders([photos], tmp_path / "index", tiny_clip_model)
+    assert summary.added == 1 and summary.failed == []

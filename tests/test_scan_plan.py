@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from indexer.plan import EmbedJob, make_plan, sha256_file
-from indexer.scan import FileInfo, ScanProblem, is_junk, normalize_roots, scan, under_roots
-from retrieval.catalog import ImageRecord, Move
+from indexer.scan import FileInfo, ScanProblem, SkippedFolder, is_junk, normalize_roots, scan, under_roots
+from retrieval.catalog import Failure, ImageRecord, Move
 from retrieval.errors import ClipdexError
 
 
@@ -223,3 +223,46 @@ def test_sha256_file(tmp_path):
 
     p = touch(tmp_path / "f.bin", os.urandom(3_000_000))
     assert sha256_file(str(p)) == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_plan_keeps_rows_of_files_whose_stat_failed():
+    """A file or link that could not be stat'ed was not seen gone (an I/O error, a link into an
+    unmounted disk): its row, the rows under it and its failure record stay."""
+    existing = {
+        "/r/io-error.jpg": rec(1, "/r/io-error.jpg", 11, 1, "h1"),
+        "/r/nas/a.jpg": rec(2, "/r/nas/a.jpg", 12, 1, "h2"),
+        "/r/nas/deep/b.jpg": rec(3, "/r/nas/deep/b.jpg", 13, 1, "h3"),
+        "/r/nas2/c.jpg": rec(4, "/r/nas2/c.jpg", 14, 1, "h4"),  # a sibling, not under /r/nas
+        "/r/gone.jpg": rec(5, "/r/gone.jpg", 15, 1, "h5"),
+    }
+    failures = {
+        "/r/nas/bad.jpg": Failure("/r/nas/bad.jpg", 1, 1, "not an image"),
+        "/r/gone-bad.jpg": Failure("/r/gone-bad.jpg", 1, 1, "not an image"),
+    }
+    scanned = [
+        ScanProblem("/r/io-error.jpg", "input/output error"),
+        ScanProblem("/r/nas", "broken symbolic link"),
+        FileInfo("/r/copy.jpg", 12, 5),  # same size and content as /r/nas/a.jpg: yet not a move
+    ]
+    plan = make_plan(scanned, existing, failures=failures, hash_file=lambda path: "h2")
+    assert plan.removed == [4, 5]
+    assert plan.moves == [] and [j.info.path for j in plan.jobs] == ["/r/copy.jpg"]
+    assert plan.forget_failures == ["/r/gone-bad.jpg"]
+
+
+def test_plan_keeps_rows_under_folders_that_could_not_be_listed():
+    existing = {
+        "/r/locked/a.jpg": rec(1, "/r/locked/a.jpg", 11),
+        "/r/locked/sub/b.jpg": rec(2, "/r/locked/sub/b.jpg", 12),
+        "/r/lockedness/c.jpg": rec(3, "/r/lockedness/c.jpg", 13),
+        "/other-root/d.jpg": rec(4, "/other-root/d.jpg", 14),  # a root that could not be listed
+        "/r/gone.jpg": rec(5, "/r/gone.jpg", 15),
+    }
+    failures = {"/r/locked/bad.jpg": Failure("/r/locked/bad.jpg", 1, 1, "not an image")}
+    skipped = [SkippedFolder("/r/locked", "permission denied"), SkippedFolder("/other-root", "i/o error")]
+    plan = make_plan([skipped[0], FileInfo("/r/new.jpg", 11, 1), skipped[1]], existing, failures=failures,
+                     hash_file=lambda path: "h")
+    assert plan.removed == [3, 5]
+    assert plan.moves == []  # /r/new.jpg has the bytes of /r/locked/a.jpg, which was not seen gone
+    assert plan.forget_failures == []
+    assert plan.skipped == skipped and plan.problems == []
