@@ -51,7 +51,7 @@ def naive_child(args: argparse.Namespace) -> None:
     import torch
     from PIL import Image, ImageOps
 
-    from retrieval.model import ClipModel, ModelSpec
+    from retrieval.embedding.clip_model import ClipModel, ModelSpec
 
     files = list_files(Path(args.data), args.limit)
     clip = ClipModel(ModelSpec(args.model, args.pretrained, "cpu", "fp32"))
@@ -188,7 +188,7 @@ def main() -> None:
 
 
 def fidelity(index_dir: Path, files: list[Path], naive_npy: Path, subset: Path, data: Path) -> None:
-    from retrieval.store import ImageIndex
+    from retrieval.index import ImageIndex
 
     reference = np.load(naive_npy)
     with ImageIndex.open(index_dir) as idx:

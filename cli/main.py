@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from retrieval.errors import ClipdexError
+from retrieval.core.errors import ClipdexError
 
 from .output import human_bytes, print_hits, safe
 
@@ -109,7 +109,7 @@ def index(
     """Index image folders (incremental: only new and changed files are embedded)."""
     from indexer import IndexOptions, index_folders
     from indexer.decode import DecodeOptions
-    from retrieval.store import resolve_model_spec
+    from retrieval.index import resolve_model_spec
 
     spec = resolve_model_spec(index_dir, model, pretrained, device, precision, backend)
     options = IndexOptions(
@@ -269,7 +269,7 @@ def _filters(
     min_height: int | None,
     tags: list[str] | None = None,
 ):  # type: ignore[no-untyped-def]
-    from retrieval.filters import Filters, parse_date, parse_formats
+    from retrieval.search.filters import Filters, parse_date, parse_formats
 
     return Filters(
         folders=tuple(str(f) for f in folders or ()),
@@ -284,13 +284,13 @@ def _filters(
 
 
 def _templates(templates: Path | None):  # type: ignore[no-untyped-def]
-    from retrieval.query import load_templates
+    from retrieval.search.query import load_templates
 
     return None if templates is None else load_templates(templates)
 
 
 def _add_terms(query, plus: list[str] | None, minus: list[str] | None):  # type: ignore[no-untyped-def]
-    from retrieval.query import Term
+    from retrieval.search.query import Term
 
     for value in plus or ():
         query = query.plus(Term.parse(value))
@@ -338,12 +338,12 @@ def search(
     paths: PathsOpt = False,
 ) -> None:
     """Find images that match a text (or a combination of texts and images)."""
-    from retrieval.locations import resolve_index_dir
-    from retrieval.text_encoder import PrefetchedText
+    from retrieval.core.locations import resolve_index_dir
+    from retrieval.embedding.text_embedder import PrefetchedText
 
     # Start loading the text encoder now: it overlaps the imports below on another core.
     prefetched = PrefetchedText(resolve_index_dir(index_dir))
-    from retrieval.query import Query
+    from retrieval.search.query import Query
 
     tpl = _templates(templates)
     query = Query.parse_argv(text, ensemble=ensemble or tpl is not None, templates=tpl)
@@ -359,7 +359,7 @@ def _run_query(
     index_dir, device, query, k, filters, min_score, within, offset, include_self, prefetched=None
 ):  # type: ignore[no-untyped-def]
     """The part `search` and `similar` share: open the index, run the query."""
-    from retrieval.store import ImageIndex
+    from retrieval.index import ImageIndex
 
     with ImageIndex.open(index_dir, device=device, prefetched_text=prefetched) as idx:
         return idx.search_query(
@@ -401,7 +401,7 @@ def similar(
     paths: PathsOpt = False,
 ) -> None:
     """Find images that look like IMAGE."""
-    from retrieval.query import Query
+    from retrieval.search.query import Query
 
     query = _add_terms(Query.image(image), plus, minus)
     filters = _filters(folders, globs, after, before, types, min_width, min_height, tags)
@@ -424,7 +424,7 @@ def duplicates(
     paths: PathsOpt = False,
 ) -> None:
     """Groups of near-duplicate images, largest first."""
-    from retrieval.store import ImageIndex
+    from retrieval.index import ImageIndex
 
     from .output import print_duplicates
 
@@ -443,7 +443,7 @@ LabelsFileOpt = Annotated[Path | None, typer.Option("--labels-file", help="A fil
 def _labels(labels: str | None, labels_file: Path | None) -> list[str]:
     import os
 
-    from retrieval.zeroshot import parse_labels, read_labels
+    from retrieval.search.zeroshot import parse_labels, read_labels
 
     out: list[str] = []
     if labels is not None:
@@ -483,7 +483,7 @@ def classify(
     jsonl: JsonlOpt = False,
 ) -> None:
     """Zero-shot labels for every indexed image: softmax over the labels' text embeddings."""
-    from retrieval.store import ImageIndex
+    from retrieval.index import ImageIndex
 
     from .output import print_labels
 
@@ -522,7 +522,7 @@ def describe(
     jsonl: JsonlOpt = False,
 ) -> None:
     """Rank candidate texts for IMAGE (image-to-text): cosine and softmax probability."""
-    from retrieval.store import ImageIndex
+    from retrieval.index import ImageIndex
 
     from .output import print_ranked_texts
 
@@ -537,7 +537,7 @@ def describe(
 @app.command()
 def info(index_dir: IndexOpt = None, json_: JsonOpt = False) -> None:
     """What an index holds: model, image count, size on disk, last update."""
-    from retrieval.store import ImageIndex
+    from retrieval.index import ImageIndex
 
     with ImageIndex.open(index_dir) as idx:
         facts = idx.info()
@@ -566,8 +566,8 @@ def verify(
     json_: JsonOpt = False,
 ) -> None:
     """Check the index: every FAISS id is one catalog row, vectors are unit-norm, files exist."""
-    from retrieval.store import ImageIndex
-    from retrieval.verify import verify_index
+    from retrieval.index import ImageIndex
+    from retrieval.storage.verify import verify_index
 
     with ImageIndex.open(index_dir) as idx:
         report = verify_index(idx, repair=repair)

@@ -8,11 +8,11 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from retrieval.hits import Hit
+from retrieval.core.hits import Hit
 
 if TYPE_CHECKING:
-    from retrieval.duplicates import DuplicateGroup
-    from retrieval.zeroshot import ImageLabels, LabelScore
+    from retrieval.search.duplicates import DuplicateGroup
+    from retrieval.search.zeroshot import ImageLabels, LabelScore
 
 
 def safe(text: str) -> str:

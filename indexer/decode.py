@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from retrieval.errors import ImageLoadError
-from retrieval.imageio import DEFAULT_MAX_PIXELS, load_image
+from retrieval.core.errors import ImageLoadError
+from retrieval.core.images import DEFAULT_MAX_PIXELS, load_image
 
 from .plan import EmbedJob
 

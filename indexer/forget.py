@@ -11,8 +11,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from retrieval.errors import ClipdexError
-from retrieval.store import ImageIndex
+from retrieval.core.errors import ClipdexError
+from retrieval.index import ImageIndex
 
 from .scan import under_roots
 

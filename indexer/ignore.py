@@ -26,7 +26,7 @@ from typing import Protocol
 
 from pathspec import GitIgnoreSpec
 
-from retrieval.errors import ClipdexError
+from retrieval.core.errors import ClipdexError
 
 IGNORE_FILE = ".clipdexignore"
 EXCLUDES_KEY = "excludes"  # catalog meta: JSON {folder: [pattern, ...]}

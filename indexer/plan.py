@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from retrieval.catalog import Failure, ImageRecord, Move
+from retrieval.storage.catalog import Failure, ImageRecord, Move
 
 from .scan import FileInfo, ScanItem, ScanProblem, SkippedFolder
 

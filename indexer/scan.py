@@ -14,8 +14,8 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from retrieval.errors import ClipdexError
-from retrieval.imageio import image_extensions
+from retrieval.core.errors import ClipdexError
+from retrieval.core.images import image_extensions
 
 from .ignore import IGNORE_FILE, Ignore, IgnoreRules
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.catalog import Failure, Move, NewImage
-from retrieval.errors import ClipdexError
-from retrieval.model import ClipModel, ModelSpec
-from retrieval.store import ImageIndex, IndexWriter, resolve_model_spec
-from retrieval.text_encoder import export_onnx_text
+from retrieval.core.errors import ClipdexError
+from retrieval.embedding.clip_model import ClipModel, ModelSpec
+from retrieval.embedding.text_embedder import export_onnx_text
+from retrieval.index import ImageIndex, IndexWriter, resolve_model_spec
+from retrieval.storage.catalog import Failure, Move, NewImage
 
 from .decode import Decoded, DecodeOptions, Failed, SameContent, decode_job
 from .ignore import remember_excludes
@@ -274,7 +274,7 @@ def _reembeds_same_file(job: EmbedJob) -> bool:
 
 def _open_for_reindex(index_dir, spec: ModelSpec) -> ImageIndex:  # type: ignore[no-untyped-def]
     """Open without the model check: --reindex may switch models on purpose."""
-    from retrieval.locations import resolve_index_dir
+    from retrieval.core.locations import resolve_index_dir
 
     directory = resolve_index_dir(index_dir)
     if (Path(directory) / "catalog.sqlite").exists():

@@ -20,21 +20,21 @@ __all__ = [
 ]
 
 _WHERE = {
-    "ClipModel": "model",
-    "ModelSpec": "model",
-    "ModelSignature": "model",
-    "ImageIndex": "store",
-    "IndexInfo": "store",
-    "Hit": "hits",
-    "ClipdexError": "errors",
-    "ModelMismatchError": "errors",
+    "ClipModel": "embedding.clip_model",
+    "ModelSpec": "embedding.clip_model",
+    "ModelSignature": "embedding.clip_model",
+    "ImageIndex": "index",
+    "IndexInfo": "index",
+    "Hit": "core.hits",
+    "ClipdexError": "core.errors",
+    "ModelMismatchError": "core.errors",
 }
 
 if TYPE_CHECKING:
-    from .errors import ClipdexError, ModelMismatchError
-    from .hits import Hit
-    from .model import ClipModel, ModelSignature, ModelSpec
-    from .store import ImageIndex, IndexInfo
+    from retrieval.core.errors import ClipdexError, ModelMismatchError
+    from retrieval.core.hits import Hit
+    from retrieval.embedding.clip_model import ClipModel, ModelSignature, ModelSpec
+    from retrieval.index import ImageIndex, IndexInfo
 
 
 def __getattr__(name: str) -> Any:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sqlalchemy import insert, update
 
-from retrieval.catalog import CATALOG_NAME, SCHEMA_VERSION, Catalog, ImageRow, Move, NewImage
-from retrieval.errors import ClipdexError
+from retrieval.core.errors import ClipdexError
+from retrieval.storage.catalog import CATALOG_NAME, SCHEMA_VERSION, Catalog, ImageRow, Move, NewImage
 
 
 def unit(seed: int, dim: int = 8) -> np.ndarray:

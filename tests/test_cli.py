@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_ARCH, write_scenes
 
-from retrieval.imageio import image_extensions
-from retrieval.store import ImageIndex
+from retrieval.core.images import image_extensions
+from retrieval.index import ImageIndex
 
 _SCRIPT = Path(sys.executable).with_name("clipdex")
 CLIPDEX = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cli.main"]

@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 from cli import preview
 from cli.main import app
 from cli.output import print_hits
-from retrieval.filters import Filters
-from retrieval.hits import Hit
-from retrieval.query import Query, Term, load_templates
-from retrieval.store import ImageIndex
+from retrieval.core.hits import Hit
+from retrieval.index import ImageIndex
+from retrieval.search.filters import Filters
+from retrieval.search.query import Query, Term, load_templates
 
 SEARCH = "2:red circle + green hills"
 _SCRIPT = Path(sys.executable).with_name("clipdex")

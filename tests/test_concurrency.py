@@ -23,16 +23,16 @@ import pytest
 from conftest import TINY_ARCH, write_scenes
 
 from indexer import IndexOptions, index_folders
-from retrieval.catalog import CATALOG_NAME
-from retrieval.errors import IndexLockedError
-from retrieval.lock import WriterLock
-from retrieval.store import ImageIndex
-from retrieval.verify import verify_index
+from retrieval.core.errors import IndexLockedError
+from retrieval.index import ImageIndex
+from retrieval.storage.catalog import CATALOG_NAME
+from retrieval.storage.lock import WriterLock
+from retrieval.storage.verify import verify_index
 
 WRITER = f"""
 import sys
 from indexer import IndexOptions, index_folders
-from retrieval.model import ModelSpec
+from retrieval.embedding.clip_model import ModelSpec
 options = IndexOptions(batch_size=4, decode_workers=1, checkpoint_seconds=0)
 summary = index_folders([sys.argv[1]], sys.argv[2], ModelSpec("{TINY_ARCH}", "random", device="cpu"), options)
 print("added", summary.added)
@@ -130,7 +130,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, tiny_clip_model)
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from retrieval.lock import WriterLock; "
+            "import sys, time; from pathlib import Path; from retrieval.storage.lock import WriterLock; "
             "WriterLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(300)",
             str(index_dir),
         ],

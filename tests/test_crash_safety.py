@@ -35,17 +35,17 @@ import pytest
 from conftest import TINY_ARCH, make_scene, set_mtime, write_scenes
 from sqlalchemy import event
 
-import retrieval.catalog as catalog_mod
-import retrieval.vectors as vectors_mod
+import retrieval.storage.catalog as catalog_mod
+import retrieval.storage.faiss_index as vectors_mod
 from indexer import IndexOptions, index_folders
-from retrieval.catalog import CATALOG_NAME, Catalog
-from retrieval.errors import IndexWriteError
-from retrieval.imageio import load_image
-from retrieval.lock import WriterLock
-from retrieval.model import ClipModel
-from retrieval.store import ImageIndex
-from retrieval.vectors import VECTORS_NAME, VectorIndex
-from retrieval.verify import verify_index
+from retrieval.core.errors import IndexWriteError
+from retrieval.core.images import load_image
+from retrieval.embedding.clip_model import ClipModel
+from retrieval.index import ImageIndex
+from retrieval.storage.catalog import CATALOG_NAME, Catalog
+from retrieval.storage.faiss_index import VECTORS_NAME, VectorIndex
+from retrieval.storage.lock import WriterLock
+from retrieval.storage.verify import verify_index
 
 _SCRIPT = Path(sys.executable).with_name("clipdex")
 CLIPDEX = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cli.main"]

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from indexer import index_folders
-from retrieval.imageio import image_extensions, load_image
+from retrieval.core.images import image_extensions, load_image
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.duplicates import DuplicateGroup
-from retrieval.errors import ClipdexError
+from retrieval.core.errors import ClipdexError
+from retrieval.search.duplicates import DuplicateGroup
 
 
 def brute_force_groups(corpus: dict, threshold: float) -> tuple[list[list[int]], set[tuple[int, int]]]:

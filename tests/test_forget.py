@@ -15,9 +15,9 @@ from conftest import write_scenes
 
 from indexer import index_folders
 from indexer.forget import ForgetSummary, forget_paths
-from retrieval.errors import ClipdexError
-from retrieval.store import ImageIndex
-from retrieval.verify import verify_index
+from retrieval.core.errors import ClipdexError
+from retrieval.index import ImageIndex
+from retrieval.storage.verify import verify_index
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from indexer.ignore import (
     remember_excludes,
 )
 from indexer.scan import FileInfo, SkippedFolder, scan
-from retrieval.catalog import Catalog
+from retrieval.storage.catalog import Catalog
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:

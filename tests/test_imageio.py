@@ -11,8 +11,8 @@ import pytest
 from conftest import jpeg_bytes, make_scene, quadrant_image
 from PIL import Image, ImageFile
 
-from retrieval.errors import ImageLoadError
-from retrieval.imageio import BASE_EXTENSIONS, image_extensions, load_image
+from retrieval.core.errors import ImageLoadError
+from retrieval.core.images import BASE_EXTENSIONS, image_extensions, load_image
 
 
 def pixels(img: Image.Image) -> np.ndarray:

@@ -11,12 +11,12 @@ import pytest
 from conftest import make_scene, set_mtime, write_scenes
 
 from indexer import IndexOptions, index_folders
-from retrieval.catalog import Catalog
-from retrieval.errors import ClipdexError, IndexLockedError, ModelMismatchError
-from retrieval.lock import WriterLock
-from retrieval.model import ModelSpec
-from retrieval.store import ImageIndex
-from retrieval.vectors import VECTORS_NAME, VectorIndex
+from retrieval.core.errors import ClipdexError, IndexLockedError, ModelMismatchError
+from retrieval.embedding.clip_model import ModelSpec
+from retrieval.index import ImageIndex
+from retrieval.storage.catalog import Catalog
+from retrieval.storage.faiss_index import VECTORS_NAME, VectorIndex
+from retrieval.storage.lock import WriterLock
 
 
 def counts(summary) -> dict[str, int]:

@@ -17,10 +17,10 @@ import pytest
 from conftest import write_scenes
 
 from indexer import index_folders
-from retrieval.catalog import CATALOG_NAME, SCHEMA_VERSION, Catalog
-from retrieval.store import ImageIndex
-from retrieval.vectors import VECTORS_NAME, VectorIndex
-from retrieval.verify import verify_index
+from retrieval.index import ImageIndex
+from retrieval.storage.catalog import CATALOG_NAME, SCHEMA_VERSION, Catalog
+from retrieval.storage.faiss_index import VECTORS_NAME, VectorIndex
+from retrieval.storage.verify import verify_index
 
 
 def catalog_vectors(index_dir: Path) -> dict[str, np.ndarray]:
@@ -89,7 +89,7 @@ def test_a_faiss_file_from_a_later_history_is_not_trusted(tmp_path, tiny_clip_mo
     write_scenes(other, 3, seed0=40)
     catalog = Catalog.open(index_dir)
     try:
-        from retrieval.catalog import NewImage
+        from retrieval.storage.catalog import NewImage
 
         vecs = catalog_vectors_of_files(tiny_clip_model, sorted(other.iterdir()))
         ids = catalog.commit_changes(

@@ -19,8 +19,8 @@ from conftest import TINY_ARCH, make_scene, write_scenes
 from PIL import Image
 
 from indexer import index_folders
-from retrieval.errors import ModelLoadError, ModelMismatchError
-from retrieval.model import (
+from retrieval.core.errors import ModelLoadError, ModelMismatchError
+from retrieval.embedding.clip_model import (
     CONFIG_DIR,
     ClipModel,
     ModelSignature,
@@ -30,7 +30,7 @@ from retrieval.model import (
     default_pretrained,
     resolve_precision,
 )
-from retrieval.store import ImageIndex, resolve_model_spec
+from retrieval.index import ImageIndex, resolve_model_spec
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -230,9 +230,9 @@ def test_indexing_with_another_model_is_refused_and_changes_nothing(
 
 
 def test_check_spec_matches_loads_no_model(tiny_clip_model, monkeypatch):
-    import retrieval.model
+    import retrieval.embedding.clip_model as clip_model_mod
 
-    monkeypatch.setattr(retrieval.model, "_create", lambda *a: pytest.fail("a model was built"))
+    monkeypatch.setattr(clip_model_mod, "_create", lambda *a: pytest.fail("a model was built"))
     sig = tiny_clip_model.signature
     check_spec_matches(sig, ModelSpec(TINY_ARCH, "random"), "index X")
     with pytest.raises(ModelMismatchError, match="index X"):

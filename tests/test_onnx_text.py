@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from retrieval.onnx_text import OnnxTextEncoder, export_text_tower, weight_files  # noqa: E402
-from retrieval.tokenizer import ClipTokenizer  # noqa: E402
+from retrieval.embedding.onnx_text_tower import OnnxTextEncoder, export_text_tower, weight_files  # noqa: E402
+from retrieval.embedding.tokenizer import ClipTokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """The tiny model and its text tower exported the default way (optimized, weights apart)."""
-    from retrieval.model import ClipModel, ModelSpec
+    from retrieval.embedding.clip_model import ClipModel, ModelSpec
 
     model = ClipModel(ModelSpec("clipdex-tiny", "random", device="cpu"))
     path = tmp_path_factory.mktemp("onnx") / "text.onnx"
@@ -131,8 +131,8 @@ def test_running_does_not_import_torch(tiny: tuple[Any, Path]) -> None:
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from retrieval.onnx_text import OnnxTextEncoder\n"
-        "from retrieval.tokenizer import ClipTokenizer\n"
+        "from retrieval.embedding.onnx_text_tower import OnnxTextEncoder\n"
+        "from retrieval.embedding.tokenizer import ClipTokenizer\n"
         f"v = OnnxTextEncoder(Path({str(path)!r})).encode(ClipTokenizer()(['a dog']))\n"
         "assert v.shape[0] == 1\n"
         "assert 'torch' not in sys.modules and 'open_clip' not in sys.modules, 'torch imported'\n"

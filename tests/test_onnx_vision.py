@@ -16,8 +16,8 @@ pytest.importorskip("onnxruntime")
 
 torch = pytest.importorskip("torch")
 
-from retrieval.model import ClipModel, ModelSpec  # noqa: E402
-from retrieval.onnx_vision import OnnxImageEncoder, export_image_tower, session_options  # noqa: E402
+from retrieval.embedding.clip_model import ClipModel, ModelSpec  # noqa: E402
+from retrieval.embedding.onnx_image_tower import OnnxImageEncoder, export_image_tower, session_options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_encoder_does_not_import_torch(exported: Path) -> None:
         f"""
         import sys
         import numpy as np
-        from retrieval.onnx_vision import OnnxImageEncoder
+        from retrieval.embedding.onnx_image_tower import OnnxImageEncoder
         out = OnnxImageEncoder({str(exported)!r}).encode(np.zeros((2, 3, 64, 64), np.float32))
         assert out.shape[0] == 2
         assert "torch" not in sys.modules, "torch was imported"

@@ -19,7 +19,7 @@ from conftest import set_mtime, write_scenes
 import indexer.decode as decode_mod
 from indexer import IndexOptions, index_folders
 from indexer.pipeline import DecodePool
-from retrieval.store import ImageIndex, IndexWriter
+from retrieval.index import ImageIndex, IndexWriter
 
 
 def clipdex_threads() -> set[threading.Thread]:

@@ -18,10 +18,10 @@ import torch
 from conftest import TINY_ARCH, make_scene, set_mtime, write_scenes
 from PIL import Image
 
-from retrieval.catalog import Catalog
-from retrieval.errors import ClipdexError
-from retrieval.query import Query, Term, default_templates, load_templates, parse_templates
-from retrieval.store import ImageIndex
+from retrieval.core.errors import ClipdexError
+from retrieval.index import ImageIndex
+from retrieval.search.query import Query, Term, default_templates, load_templates, parse_templates
+from retrieval.storage.catalog import Catalog
 
 TOL = 1e-5
 DAY = 86400.0

@@ -14,12 +14,12 @@ from conftest import write_scenes
 from PIL import Image
 from test_crash_safety import _kill_me, fork_indexer, killed_by_sigkill, reap
 
+import retrieval.storage.catalog as catalog_mod
 from indexer import IndexOptions, index_folders
-from retrieval import catalog as catalog_mod
-from retrieval.catalog import Catalog
-from retrieval.store import ImageIndex
-from retrieval.text_encoder import onnx_text_path
-from retrieval.verify import verify_index
+from retrieval.embedding.text_embedder import onnx_text_path
+from retrieval.index import ImageIndex
+from retrieval.storage.catalog import Catalog
+from retrieval.storage.verify import verify_index
 
 REINDEX = IndexOptions(reindex=True, batch_size=2, decode_workers=1)
 

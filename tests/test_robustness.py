@@ -26,12 +26,12 @@ import indexer.decode as decode_mod
 import indexer.sync as sync_mod
 from indexer import IndexOptions, index_folders
 from indexer.decode import DecodeOptions
-from retrieval.catalog import CATALOG_NAME
-from retrieval.errors import ModelLoadError
-from retrieval.model import ClipModel, ModelSpec
-from retrieval.store import ImageIndex
-from retrieval.vectors import VECTORS_NAME
-from retrieval.verify import verify_index
+from retrieval.core.errors import ModelLoadError
+from retrieval.embedding.clip_model import ClipModel, ModelSpec
+from retrieval.index import ImageIndex
+from retrieval.storage.catalog import CATALOG_NAME
+from retrieval.storage.faiss_index import VECTORS_NAME
+from retrieval.storage.verify import verify_index
 
 IS_ROOT = os.geteuid() == 0
 CORPUS_OPTIONS = IndexOptions(
@@ -446,9 +446,9 @@ def test_the_index_folder_holds_no_pickle(tmp_path, tiny_clip_model):
 
 # -- formats: one list for the indexer and for query images ---------------------------------------
 def test_query_images_and_the_indexer_accept_the_same_file_names():
-    from retrieval.errors import ClipdexError
-    from retrieval.imageio import image_extensions
-    from retrieval.query import Term
+    from retrieval.core.errors import ClipdexError
+    from retrieval.core.images import image_extensions
+    from retrieval.search.query import Term
 
     known = image_extensions()
     candidates = set(known) | {".jpe", ".jfif", ".avif", ".heic", ".heif", ".txt", ".raw", ".svg"}
@@ -473,7 +473,7 @@ def test_jpe_files_are_indexed(tmp_path, tiny_clip_model):
 def test_avif_files_are_indexed_when_pillow_reads_them(tmp_path, tiny_clip_model):
     from PIL import features
 
-    from retrieval.imageio import image_extensions
+    from retrieval.core.images import image_extensions
 
     if not features.check("avif"):
         assert ".avif" not in image_extensions()  # not listed where it cannot be read

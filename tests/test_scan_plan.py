@@ -9,8 +9,8 @@ import pytest
 
 from indexer.plan import EmbedJob, make_plan, sha256_file
 from indexer.scan import FileInfo, ScanProblem, SkippedFolder, is_junk, normalize_roots, scan, under_roots
-from retrieval.catalog import Failure, ImageRecord, Move
-from retrieval.errors import ClipdexError
+from retrieval.core.errors import ClipdexError
+from retrieval.storage.catalog import Failure, ImageRecord, Move
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:

@@ -12,9 +12,9 @@ from conftest import TINY_ARCH, make_scene, write_scenes
 from PIL import Image
 
 from indexer import index_folders
-from retrieval.catalog import Catalog
-from retrieval.store import ImageIndex
-from retrieval.vectors import VECTORS_NAME, VectorIndex
+from retrieval.index import ImageIndex
+from retrieval.storage.catalog import Catalog
+from retrieval.storage.faiss_index import VECTORS_NAME, VectorIndex
 
 TOL = 1e-5
 TEXTS = [

@@ -20,7 +20,7 @@ import pytest
 from conftest import TINY_ARCH, write_scenes
 
 from indexer import index_folders
-from retrieval.catalog import Catalog
+from retrieval.storage.catalog import Catalog
 
 
 def catalog_paths(index_dir: Path) -> set[str]:

@@ -9,10 +9,10 @@ import pytest
 from conftest import make_scene, write_scenes
 
 from indexer import index_folders
-from retrieval.catalog import CATALOG_NAME
-from retrieval.errors import IndexLockedError
-from retrieval.lock import WriterLock
-from retrieval.store import ImageIndex
+from retrieval.core.errors import IndexLockedError
+from retrieval.index import ImageIndex
+from retrieval.storage.catalog import CATALOG_NAME
+from retrieval.storage.lock import WriterLock
 
 LABELS = ["a red square", "a blue circle", "a green field"]
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from retrieval.tokenizer import _FTFY_NOOP, ClipTokenizer, default_tokenizer, find_vocab_file
+from retrieval.embedding.tokenizer import _FTFY_NOOP, ClipTokenizer, default_tokenizer, find_vocab_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,10 +188,10 @@ def test_ftfy_is_skipped_only_where_it_changes_nothing() -> None:
 
 def test_import_does_not_load_torch() -> None:
     code = (
-        "import retrieval.tokenizer, sys\n"
+        "import retrieval.embedding.tokenizer, sys\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'open_clip' not in sys.modules, 'open_clip imported'\n"
-        "tok = retrieval.tokenizer.ClipTokenizer()\n"
+        "tok = retrieval.embedding.tokenizer.ClipTokenizer()\n"
         "tok(['a photo of a dog'])\n"
         "assert 'ftfy' not in sys.modules, 'ftfy imported for plain ASCII'\n"
         "tok(['a caf\\u00e9'])\n"

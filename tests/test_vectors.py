@@ -11,10 +11,10 @@ import pytest
 from conftest import write_scenes
 
 from indexer import index_folders
-from retrieval.catalog import Catalog, NewImage
-from retrieval.errors import IndexWriteError
-from retrieval.store import ImageIndex
-from retrieval.vectors import VECTORS_NAME, ReconcileReport, VectorIndex, reconcile
+from retrieval.core.errors import IndexWriteError
+from retrieval.index import ImageIndex
+from retrieval.storage.catalog import Catalog, NewImage
+from retrieval.storage.faiss_index import VECTORS_NAME, ReconcileReport, VectorIndex, reconcile
 
 DIM = 16
 

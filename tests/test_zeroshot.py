@@ -17,12 +17,12 @@ from test_query import (
     unit,
 )
 
-from retrieval.errors import ClipdexError
-from retrieval.filters import Filters
-from retrieval.model import CONFIG_DIR, ClipModel, ModelSpec
-from retrieval.query import default_templates
-from retrieval.store import ImageIndex
-from retrieval.zeroshot import parse_labels, read_labels, tags_of
+from retrieval.core.errors import ClipdexError
+from retrieval.embedding.clip_model import CONFIG_DIR, ClipModel, ModelSpec
+from retrieval.index import ImageIndex
+from retrieval.search.filters import Filters
+from retrieval.search.query import default_templates
+from retrieval.search.zeroshot import parse_labels, read_labels, tags_of
 
 LABELS = ["cat", "dog", "car", "a red circle", "blue sky"]
 TOL = 1e-5
@@ -149,12 +149,12 @@ def test_label_lists(tmp_path):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Building a ClipModel fails the test: scoring must come from the index's record."""
-    import retrieval.model
+    import retrieval.embedding.clip_model
 
     def refuse(*args, **kwargs):
         pytest.fail("the torch model was loaded")
 
-    monkeypatch.setattr(retrieval.model.ClipModel, "__init__", refuse)
+    monkeypatch.setattr(retrieval.embedding.clip_model.ClipModel, "__init__", refuse)
 
 
 def test_classify_uses_the_recorded_scale_without_loading_the_model(corpus, tiny_clip_model, no_model_load):

@@ -17,7 +17,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .catalog import (
+from retrieval.core.errors import ClipdexError, IndexNotFoundError, IndexWriteError
+from retrieval.core.hits import Hit
+from retrieval.core.locations import resolve_index_dir
+from retrieval.embedding.clip_model import ModelSignature, ModelSpec, check_spec_matches
+from retrieval.embedding.query_cache import TextCache
+from retrieval.embedding.text_embedder import (
+    PrefetchedText,
+    TextFn,
+    load_onnx_text,
+    model_key,
+    onnx_text_path,
+)
+from retrieval.storage.catalog import (
     CATALOG_NAME,
     Catalog,
     CatalogState,
@@ -27,23 +39,17 @@ from .catalog import (
     Move,
     NewImage,
 )
-from .errors import ClipdexError, IndexNotFoundError, IndexWriteError
-from .hits import Hit
-from .locations import resolve_index_dir
-from .lock import WriterLock
-from .model import ModelSignature, ModelSpec, check_spec_matches
-from .text_encoder import PrefetchedText, TextFn, load_onnx_text, model_key, onnx_text_path
-from .textcache import TextCache
-from .vectors import VECTORS_NAME, ReconcileReport, Stamp, VectorIndex, reconcile
+from retrieval.storage.faiss_index import VECTORS_NAME, ReconcileReport, Stamp, VectorIndex, reconcile
+from retrieval.storage.lock import WriterLock
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .duplicates import DuplicateGroup
-    from .filters import Filters
-    from .model import ClipModel
-    from .query import Query
-    from .zeroshot import ImageLabels, LabelScore
+    from retrieval.embedding.clip_model import ClipModel
+    from retrieval.search.duplicates import DuplicateGroup
+    from retrieval.search.filters import Filters
+    from retrieval.search.query import Query
+    from retrieval.search.zeroshot import ImageLabels, LabelScore
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ def resolve_model_spec(
     """The model to index with: what the user named, else what the index was built with, else
     the default (ViT-B-32, laion2b_s34b_b79k). An architecture named without weights gets its
     own default tag (see model.default_pretrained), not ViT-B-32's."""
-    from .model import DEFAULT_ARCH, default_pretrained
+    from retrieval.embedding.clip_model import DEFAULT_ARCH, default_pretrained
 
     recorded = None
     directory = resolve_index_dir(path)
@@ -165,7 +171,7 @@ class ImageIndex:
 
     def use_model(self, spec: ModelSpec | ClipModel) -> ClipModel:
         """Load (or adopt) a model, checking it against the index's record."""
-        from .model import ClipModel
+        from retrieval.embedding.clip_model import ClipModel
 
         loaded = spec if isinstance(spec, ClipModel) else None
         if loaded is None:
@@ -306,7 +312,7 @@ class ImageIndex:
         return self.model.encode_texts(texts)
 
     def embed_image(self, image: str | os.PathLike[str] | Image.Image) -> np.ndarray:
-        from .imageio import load_image
+        from retrieval.core.images import load_image
 
         loaded = load_image(image if _is_pil(image) else os.fspath(image))  # type: ignore[arg-type]
         return self.model.encode_pil([loaded.image])[0]
@@ -327,7 +333,7 @@ class ImageIndex:
         """Search with a combined query (`Query`, or its compact text form), exact `filters`,
         score cut-offs and paging. Indexed query images are left out unless `exclude_self`
         is False."""
-        from .query import run_query
+        from retrieval.search.query import run_query
 
         return run_query(
             self,
@@ -342,7 +348,7 @@ class ImageIndex:
 
     def embed_query(self, query: Query | str) -> np.ndarray:
         """The unit query vector: normalised weighted sum of the normalised term vectors."""
-        from .query import query_vector
+        from retrieval.search.query import query_vector
 
         return query_vector(self, query)
 
@@ -350,25 +356,25 @@ class ImageIndex:
         self, labels: Sequence[str], *, ensemble: bool = True, templates: Sequence[str] | None = None
     ) -> np.ndarray:
         """One unit vector per label (prompt-ensembled unless `ensemble` is False)."""
-        from .query import embed_labels
+        from retrieval.search.query import embed_labels
 
         return embed_labels(self, labels, ensemble=ensemble, templates=templates)
 
     def select_ids(self, filters: Filters) -> np.ndarray:
         """Ids of the images that meet `filters` (for `search_vector(allowed_ids=...)`)."""
-        from .filters import select_ids
+        from retrieval.search.filters import select_ids
 
         return select_ids(self, filters)
 
     def duplicates(self, threshold: float = 0.95) -> list[DuplicateGroup]:
         """Groups of near-duplicates: pairs with cosine above `threshold`, connected."""
-        from .duplicates import find_duplicates
+        from retrieval.search.duplicates import find_duplicates
 
         return find_duplicates(self, threshold)
 
     def classify(self, labels: Sequence[str], **options: object) -> list[ImageLabels]:
         """Zero-shot label probabilities per indexed image (see zeroshot.classify)."""
-        from .zeroshot import classify
+        from retrieval.search.zeroshot import classify
 
         return classify(self, labels, **options)  # type: ignore[arg-type]
 
@@ -376,13 +382,13 @@ class ImageIndex:
         self, image: str | os.PathLike[str] | Image.Image, texts: Sequence[str], **options: object
     ) -> list[LabelScore]:
         """Candidate texts ranked for `image`, best first (see zeroshot.describe_image)."""
-        from .zeroshot import describe_image
+        from retrieval.search.zeroshot import describe_image
 
         return describe_image(self, image, texts, **options)  # type: ignore[arg-type]
 
     def store_tags(self, results: Sequence[ImageLabels], labels: Sequence[str]) -> int:
         """Save classify results as tags (the `tags` filter reads them), as the index's writer."""
-        from .zeroshot import store_tags
+        from retrieval.search.zeroshot import store_tags
 
         with self.writer():
             return store_tags(self.catalog, results, labels)

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy import LargeBinary, and_, func, literal, or_, select
 
-from .catalog import ImageRow
-from .errors import ClipdexError
+from retrieval.core.errors import ClipdexError
+from retrieval.storage.catalog import ImageRow
 
 if TYPE_CHECKING:
-    from .catalog import Catalog
-    from .store import ImageIndex
+    from retrieval.index import ImageIndex
+    from retrieval.storage.catalog import Catalog
 
 # User spellings of a type -> the Pillow format names the catalog holds.
 _FORMAT_ALIASES = {

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .errors import ClipdexError
+from retrieval.core.errors import ClipdexError
 
 if TYPE_CHECKING:
-    from .filters import Filters
-    from .hits import Hit
-    from .store import ImageIndex
+    from retrieval.core.hits import Hit
+    from retrieval.index import ImageIndex
+    from retrieval.search.filters import Filters
 
 TermKind = Literal["text", "image"]
 # `W:` before a term; not when a digit follows the colon, so "12:30 sunset" stays a text.
@@ -40,7 +40,7 @@ _WEIGHT = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*:(?!\d
 def _image_suffixes() -> frozenset[str]:
     # The indexer's own list, so that a query image is any file the index could hold; imported
     # here, not at the top, because text queries start without Pillow.
-    from .imageio import image_extensions
+    from retrieval.core.images import image_extensions
 
     return image_extensions()
 
@@ -230,7 +230,7 @@ def parse_templates(text: str, source: str = "templates") -> tuple[str, ...]:
 @lru_cache(maxsize=1)
 def default_templates() -> tuple[str, ...]:
     """The built-in prompt templates (retrieval/templates/default.txt)."""
-    text = resources.files(__package__).joinpath("templates/default.txt").read_text(encoding="utf-8")
+    text = resources.files("retrieval").joinpath("templates/default.txt").read_text(encoding="utf-8")
     return parse_templates(text, "built-in templates")
 
 
@@ -366,7 +366,7 @@ def run_query(
     exclude_self: bool = True,
 ) -> list[Hit]:
     """Search with a combined query, exact filters and cut-offs (see ImageIndex.search_query)."""
-    from .filters import select_ids
+    from retrieval.search.filters import select_ids
 
     if isinstance(query, str):
         query = Query.parse(query)

@@ -45,7 +45,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from .errors import ClipdexError, IndexNotFoundError, IndexWriteError
+from retrieval.core.errors import ClipdexError, IndexNotFoundError, IndexWriteError
 
 SCHEMA_VERSION = 2
 CATALOG_NAME = "catalog.sqlite"
@@ -98,7 +98,7 @@ class ModelRow(Base):
     __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    signature: Mapped[str] = mapped_column(Text)  # JSON of retrieval.model.ModelSignature
+    signature: Mapped[str] = mapped_column(Text)  # JSON of retrieval.embedding.clip_model.ModelSignature
     state: Mapped[str] = mapped_column(String(8), index=True)  # ACTIVE or PENDING
 
 

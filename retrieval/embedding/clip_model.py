@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ModelLoadError, ModelMismatchError
+from retrieval.core.errors import ModelLoadError, ModelMismatchError
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 DEFAULT_ARCH = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 RANDOM = "random"  # seeded random weights: for tests and speed benchmarks, meaningless results
-CONFIG_DIR = Path(__file__).with_name("model_configs")
+CONFIG_DIR = Path(__file__).parents[1] / "model_configs"
 CHECKPOINT_NAMES = (
     "open_clip_model.safetensors",
     "open_clip_pytorch_model.safetensors",
@@ -369,7 +369,11 @@ class ClipModel:
         """The exported image tower (once per model, in the user cache), or None if export
         fails: then torch does the work."""
         if self._onnx_images is None:
-            from .onnx_vision import OnnxImageEncoder, export_image_tower, session_options
+            from retrieval.embedding.onnx_image_tower import (
+                OnnxImageEncoder,
+                export_image_tower,
+                session_options,
+            )
 
             path = _cache_dir() / "onnx" / f"image-{self.signature.key()}.onnx"
             try:

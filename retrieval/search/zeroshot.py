@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ClipdexError
-from .query import embed_labels, unit
+from retrieval.core.errors import ClipdexError
+from retrieval.search.query import embed_labels, unit
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .catalog import Catalog
-    from .filters import Filters
-    from .store import ImageIndex
+    from retrieval.index import ImageIndex
+    from retrieval.search.filters import Filters
+    from retrieval.storage.catalog import Catalog
 
 @dataclass(frozen=True)
 class LabelScore:
@@ -141,7 +141,7 @@ def classify(
     ids = ids[order]
     keep = np.ones(len(ids), dtype=bool)
     if filters is not None and not filters.empty:
-        from .filters import select_ids
+        from retrieval.search.filters import select_ids
 
         keep = np.isin(ids, select_ids(index, filters))
     all_vecs = vectors.vectors()[order][keep]

@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import IndexLockedError
+from retrieval.core.errors import IndexLockedError
 
 LOCK_NAME = "writer.lock"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .errors import IndexWriteError
+from retrieval.core.errors import IndexWriteError
 
 VECTORS_NAME = "vectors.faiss"
 _TRAILER_MAGIC = b"clipdex-stamp-v1"  # 16 bytes, the file's very end

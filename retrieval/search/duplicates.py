@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ClipdexError
+from retrieval.core.errors import ClipdexError
 
 if TYPE_CHECKING:
-    from .store import ImageIndex
+    from retrieval.index import ImageIndex
 
 DEFAULT_THRESHOLD = 0.95
 

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from PIL import Image, ImageOps
 
-from .errors import ImageLoadError
+from retrieval.core.errors import ImageLoadError
 
 # `.jpe` is JPEG's third name (Pillow registers it as JPEG); formats that need a plugin or a
 # codec are listed only where the installed Pillow can read them.

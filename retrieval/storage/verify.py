@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .catalog import NORM_TOLERANCE
-from .store import ImageIndex, stamp_is_ancestor, stamp_is_current
-from .vectors import VECTORS_NAME, VectorIndex
+from retrieval.index import ImageIndex, stamp_is_ancestor, stamp_is_current
+from retrieval.storage.catalog import NORM_TOLERANCE
+from retrieval.storage.faiss_index import VECTORS_NAME, VectorIndex
 
 
 @dataclass

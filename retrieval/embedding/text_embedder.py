@@ -2,7 +2,7 @@
 
 A cold `clipdex search` would spend most of its time importing torch and open_clip (seconds).
 When the indexer has the model loaded anyway, it exports the text tower next to the catalog;
-queries then tokenize with retrieval.tokenizer and run that graph with onnxruntime. The export
+queries then tokenize with retrieval.embedding.tokenizer and run that graph with onnxruntime. The export
 is only made when our tokenizer gives the model's own tokens, and the file name carries the
 model's identity, so a stale graph is never used.
 """
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .model import ModelSignature
+from retrieval.embedding.clip_model import ModelSignature
 
 if TYPE_CHECKING:
-    from .model import ClipModel
+    from retrieval.embedding.clip_model import ClipModel
 
 TextFn = Callable[[Sequence[str]], np.ndarray]
 _PROBES = ["a photo of a dog", "Ünïcode, PUNCTUATION & numbers 42!", "x " * 100]
@@ -38,8 +38,8 @@ def load_onnx_text(index_dir: Path, signature: ModelSignature) -> TextFn | None:
     if not path.is_file():
         return None
     try:
-        from .onnx_text import OnnxTextEncoder
-        from .tokenizer import default_tokenizer
+        from retrieval.embedding.onnx_text_tower import OnnxTextEncoder
+        from retrieval.embedding.tokenizer import default_tokenizer
 
         encoder = OnnxTextEncoder(path)
     except Exception:  # onnxruntime missing or the file unreadable: the torch path still works
@@ -67,8 +67,8 @@ class PrefetchedText:
 
     def _load(self, path: Path, key: str) -> None:
         try:
-            from .onnx_text import OnnxTextEncoder
-            from .tokenizer import default_tokenizer
+            from retrieval.embedding.onnx_text_tower import OnnxTextEncoder
+            from retrieval.embedding.tokenizer import default_tokenizer
 
             encoder = OnnxTextEncoder(path)
             tokenizer = default_tokenizer()
@@ -93,8 +93,8 @@ def export_onnx_text(index_dir: Path, clip: ClipModel) -> Path | None:
     try:
         import onnx  # noqa: F401  (torch.onnx.export needs it)
 
-        from .onnx_text import export_text_tower
-        from .tokenizer import default_tokenizer
+        from retrieval.embedding.onnx_text_tower import export_text_tower
+        from retrieval.embedding.tokenizer import default_tokenizer
     except ImportError:
         return None
     context_length = int(getattr(clip.model, "context_length", 77))

@@ -2,7 +2,7 @@
 
 Exporting needs torch (and a loaded open_clip model); running does not, which is the point: a cold
 query then pays for onnxruntime and a session (a few hundred milliseconds) instead of importing
-torch and open_clip (about ten seconds on a small machine). Pair with retrieval.tokenizer.
+torch and open_clip (about ten seconds on a small machine). Pair with retrieval.embedding.tokenizer.
 
 What makes the session cheap to create (ViT-B-32 on a busy 2-core machine: 2.1 s -> 0.33 s median):
 weights in a separate file next to the graph (not parsed out of a 250 MB protobuf), the graph
@@ -212,7 +212,7 @@ class OnnxTextEncoder:
 
 
 def _normalize(feats: np.ndarray) -> np.ndarray:
-    # The same arithmetic as retrieval.model._normalize, so both paths give the same vectors.
+    # The same arithmetic as retrieval.embedding.clip_model._normalize, so both paths give the same vectors.
     v = feats.astype(np.float32, copy=False)
     norms = np.linalg.norm(v, axis=1, keepdims=True)
     return (v / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
