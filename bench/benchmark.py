@@ -51,7 +51,8 @@ def naive_child(args: argparse.Namespace) -> None:
     import torch
     from PIL import Image, ImageOps
 
-    from retrieval.embedding.clip_model import ClipModel, ModelSpec
+    from retrieval.embedding.clip_model import ClipModel
+    from retrieval.embedding.spec import ModelSpec
 
     files = list_files(Path(args.data), args.limit)
     clip = ClipModel(ModelSpec(args.model, args.pretrained, "cpu", "fp32"))
@@ -195,7 +196,7 @@ def fidelity(index_dir: Path, files: list[Path], naive_npy: Path, subset: Path, 
         by_path = {r.path: r.id for r in idx.records().values()}
         ids = [by_path.get(os.path.abspath(subset / f.name if subset != data else f)) for f in files]
         keep = [i for i, x in enumerate(ids) if x is not None]
-        mine = idx.catalog.vectors([ids[i] for i in keep], idx.dim)
+        mine = idx.catalog.embeddings([ids[i] for i in keep], idx.dim)
     cos = np.sum(mine * reference[keep], axis=1)
     print(
         f"fidelity vs naive float32 ({len(keep)} images): mean cosine {cos.mean():.5f}, min {cos.min():.5f}"

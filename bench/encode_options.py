@@ -46,8 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable as a plain script from any directory
 
 from retrieval.core.images import load_image  # noqa: E402
-from retrieval.embedding.clip_model import ClipModel, ModelSpec  # noqa: E402
+from retrieval.embedding.clip_model import ClipModel  # noqa: E402
 from retrieval.embedding.onnx_image_tower import OnnxImageEncoder, export_image_tower, session_options  # noqa: E402
+from retrieval.embedding.spec import ModelSpec  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "imagenet-sample"
 MEAN_COS_REQUIRED = 0.999

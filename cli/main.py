@@ -1,4 +1,9 @@
-"""The `clipdex` command: parses arguments, calls the library, prints. No logic of its own."""
+"""The `clipdex` command: parses arguments, calls the library, prints. No logic of its own.
+
+Each command imports the library modules it uses when it runs: `clipdex --help` stays instant,
+and `search` starts loading the text tower in a background thread before SQLAlchemy and FAISS
+are imported, so that the two overlap.
+"""
 
 from __future__ import annotations
 
@@ -109,7 +114,7 @@ def index(
     """Index image folders (incremental: only new and changed files are embedded)."""
     from indexer import IndexOptions, index_folders
     from indexer.decode import DecodeOptions
-    from retrieval.index import resolve_model_spec
+    from indexer.model_choice import resolve_model_spec
 
     spec = resolve_model_spec(index_dir, model, pretrained, device, precision, backend)
     options = IndexOptions(
@@ -269,7 +274,7 @@ def _filters(
     min_height: int | None,
     tags: list[str] | None = None,
 ):  # type: ignore[no-untyped-def]
-    from retrieval.search.filters import Filters, parse_date, parse_formats
+    from retrieval.core.filters import Filters, parse_date, parse_formats
 
     return Filters(
         folders=tuple(str(f) for f in folders or ()),
@@ -567,10 +572,9 @@ def verify(
 ) -> None:
     """Check the index: every FAISS id is one catalog row, vectors are unit-norm, files exist."""
     from retrieval.index import ImageIndex
-    from retrieval.storage.verify import verify_index
 
     with ImageIndex.open(index_dir) as idx:
-        report = verify_index(idx, repair=repair)
+        report = idx.verify(repair=repair)
     if json_:
         data = vars(report).copy()
         data["ok"] = report.ok

@@ -39,7 +39,7 @@ class SameContent:
 
 
 @dataclass
-class Failed:
+class DecodeFailure:
     path: str
     reason: str
     job: EmbedJob | None = None
@@ -83,16 +83,18 @@ def read_stable(path: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
 
 def decode_job(
     job: EmbedJob, preprocess: Callable[[Any], Any], options: DecodeOptions
-) -> Decoded | SameContent | Failed:
+) -> Decoded | SameContent | DecodeFailure:
     path = job.info.path
     try:
         data, st = read_stable(path, options.max_bytes)
     except FileTooLarge as exc:
-        return Failed(path, str(exc), job, permanent=True, size=job.info.size, mtime_ns=job.info.mtime_ns)
+        return DecodeFailure(
+            path, str(exc), job, permanent=True, size=job.info.size, mtime_ns=job.info.mtime_ns
+        )
     except ImageLoadError as exc:
-        return Failed(path, str(exc), job)
+        return DecodeFailure(path, str(exc), job)
     except OSError as exc:
-        return Failed(path, exc.strerror.lower() if exc.strerror else str(exc), job)
+        return DecodeFailure(path, exc.strerror.lower() if exc.strerror else str(exc), job)
     digest = hashlib.sha256(data).hexdigest()
     if job.previous is not None and not job.force and job.previous.content_hash == digest:
         return SameContent(job, st.st_size, st.st_mtime_ns)
@@ -100,10 +102,10 @@ def decode_job(
         loaded = load_image(data, max_pixels=options.max_pixels, draft_size=options.draft_size)
         pixels = preprocess(loaded.image)
     except ImageLoadError as exc:
-        return Failed(path, str(exc), job, permanent=True, size=st.st_size, mtime_ns=st.st_mtime_ns)
+        return DecodeFailure(path, str(exc), job, permanent=True, size=st.st_size, mtime_ns=st.st_mtime_ns)
     except Exception as exc:  # one bad file never stops a run
         reason = f"{type(exc).__name__}: {exc}"[:200]
-        return Failed(path, reason, job, permanent=True, size=st.st_size, mtime_ns=st.st_mtime_ns)
+        return DecodeFailure(path, reason, job, permanent=True, size=st.st_size, mtime_ns=st.st_mtime_ns)
     return Decoded(
         job,
         st.st_size,

@@ -12,7 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from retrieval.core.errors import ClipdexError
-from retrieval.index import ImageIndex
+from retrieval.core.locations import resolve_index_dir
+from retrieval.storage.catalog import open_catalog
+from retrieval.storage.vector_store import VectorStore
+from retrieval.storage.writer import IndexWriter
 
 from .scan import under_roots
 
@@ -68,20 +71,22 @@ def forget_paths(
         for path in targets:
             check_gone(path)
     summary = ForgetSummary()
-    index = ImageIndex.open(index_dir)
+    directory = resolve_index_dir(index_dir)
+    catalog = open_catalog(directory, create=False)
     try:
-        with index.writer() as writer:  # the lock: no indexing run adds rows under us meanwhile
-            remaining = list(index.catalog.records().values())
+        # The writer lock: no indexing run adds rows under us meanwhile.
+        with IndexWriter(VectorStore(directory, catalog)) as writer:
+            remaining = list(catalog.records().values())
             removed: list[int] = []
             for target in targets:
                 hit = [r for r in remaining if under_roots(r.path, [target])]
                 remaining = [r for r in remaining if not under_roots(r.path, [target])]
                 removed.extend(r.id for r in hit)
                 summary.forgotten.append((target, len(hit)))
-            failures = [p for p in index.catalog.failures() if under_roots(p, targets)]
+            failures = [p for p in catalog.failures() if under_roots(p, targets)]
             summary.failures_forgotten = len(failures)
             if removed or failures:
                 writer.commit(removed=removed, forget_failures=failures)
     finally:
-        index.close()
+        catalog.close()
     return summary

@@ -15,9 +15,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from retrieval.storage.catalog import Failure, ImageRecord, Move
+from retrieval.storage.records import FailureRecord, ImageRecord, Move
 
-from .scan import FileInfo, ScanItem, ScanProblem, SkippedFolder
+from .scan import FileInfo, ScanItem, SkippedFolder, UnreadableFile
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,9 @@ class Plan:
     moves: list[Move] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
     unchanged: int = 0
-    problems: list[ScanProblem] = field(default_factory=list)
+    problems: list[UnreadableFile] = field(default_factory=list)
     skipped: list[SkippedFolder] = field(default_factory=list)  # their rows were kept as they are
-    known_failures: list[Failure] = field(default_factory=list)  # unchanged since they last failed
+    known_failures: list[FailureRecord] = field(default_factory=list)  # unchanged since they last failed
     forget_failures: list[str] = field(default_factory=list)  # failure records of vanished files
 
 
@@ -51,7 +51,7 @@ def make_plan(
     scanned: Iterable[ScanItem],
     existing: dict[str, ImageRecord],
     *,
-    failures: dict[str, Failure] | None = None,
+    failures: dict[str, FailureRecord] | None = None,
     reindex: bool = False,
     hash_file: Callable[[str], str] = sha256_file,
 ) -> Plan:
@@ -62,7 +62,7 @@ def make_plan(
     seen: set[str] = set()
     new_files: list[FileInfo] = []
     for item in scanned:
-        if isinstance(item, ScanProblem):
+        if isinstance(item, UnreadableFile):
             plan.problems.append(item)
             continue
         if isinstance(item, SkippedFolder):

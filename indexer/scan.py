@@ -1,7 +1,7 @@
 """Walk the photo folders: image files in, junk, hidden and excluded entries out, symlink loops cut.
 
 What could not be read is reported as data, never as silence: a folder that cannot be listed
-(a `SkippedFolder`) and a file that cannot be stat'ed (a `ScanProblem`) were not seen gone, and
+(a `SkippedFolder`) and a file that cannot be stat'ed (a `UnreadableFile`) were not seen gone, and
 the plan keeps their rows. Only reads: nothing here (or anywhere in clipdex) writes inside a
 scanned folder.
 """
@@ -30,7 +30,7 @@ class FileInfo:
 
 
 @dataclass(frozen=True)
-class ScanProblem:
+class UnreadableFile:
     """A file (or link) that is there but could not be looked at."""
 
     path: str
@@ -45,7 +45,7 @@ class SkippedFolder:
     reason: str
 
 
-ScanItem = FileInfo | ScanProblem | SkippedFolder
+ScanItem = FileInfo | UnreadableFile | SkippedFolder
 
 
 def is_junk(name: str) -> bool:
@@ -113,7 +113,7 @@ def _walk(
         return
     key = (dst.st_dev, dst.st_ino)
     if key in ancestors:
-        yield ScanProblem(directory, "symbolic link loop: this folder contains itself")
+        yield UnreadableFile(directory, "symbolic link loop: this folder contains itself")
         return
     if key in visited:  # the same folder reached through another link: scanned once already
         return
@@ -143,11 +143,11 @@ def _walk(
                 continue
             if entry.is_symlink():
                 looped = exc.errno == errno.ELOOP
-                yield ScanProblem(path, "symbolic link loop" if looped else "broken symbolic link")
+                yield UnreadableFile(path, "symbolic link loop" if looped else "broken symbolic link")
             elif _is_dir_entry(entry):
                 yield SkippedFolder(path, _reason(exc))
             elif _has_image_ext(entry.name, exts):
-                yield ScanProblem(path, _reason(exc))
+                yield UnreadableFile(path, _reason(exc))
             continue
         if stat.S_ISDIR(st.st_mode):
             if not ignore.excluded(path, is_dir=True):  # an excluded folder is not even entered

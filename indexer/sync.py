@@ -6,19 +6,25 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from retrieval.core.errors import ClipdexError
-from retrieval.embedding.clip_model import ClipModel, ModelSpec
-from retrieval.embedding.text_embedder import export_onnx_text
-from retrieval.index import ImageIndex, IndexWriter, resolve_model_spec
-from retrieval.storage.catalog import Failure, Move, NewImage
+from retrieval.core.errors import ClipdexError, IndexWriteError
+from retrieval.core.locations import resolve_index_dir
+from retrieval.embedding.clip_model import ClipModel
+from retrieval.embedding.spec import ModelSignature, ModelSpec, check_spec_matches
+from retrieval.embedding.text_embedder import remove_text_tower, save_text_tower
+from retrieval.storage.catalog import open_catalog
+from retrieval.storage.records import FailureRecord, Move, NewImage
+from retrieval.storage.vector_store import VectorStore
+from retrieval.storage.writer import IndexWriter
 
-from .decode import Decoded, DecodeOptions, Failed, SameContent, decode_job
+from .decode import Decoded, DecodeFailure, DecodeOptions, SameContent, decode_job
 from .ignore import remember_excludes
+from .model_choice import resolve_model_spec
 from .pipeline import DecodePool
 from .plan import EmbedJob, Plan, make_plan
 from .scan import normalize_roots, scan, under_roots
@@ -90,24 +96,28 @@ def index_folders(
     root_list = normalize_roots(roots)
     # No model named: the index's own (or the default for a new index), as on the command line.
     spec = model.spec if isinstance(model, ClipModel) else (model or resolve_model_spec(index_dir))
-    index = ImageIndex.create(index_dir, spec) if not opts.reindex else _open_for_reindex(index_dir, spec)
+    directory = _make_index_dir(index_dir)
+    catalog = open_catalog(directory, create=True)
     summary = IndexSummary(model=f"{spec.arch_name()} / {spec.pretrained}")
     try:
-        with index.writer() as writer:
-            writer.checkpoint_seconds = opts.checkpoint_seconds
+        raw = catalog.model_signature()
+        recorded = None if raw is None else ModelSignature.from_dict(raw)
+        if recorded is not None and not opts.reindex:  # cheap: before any model is loaded
+            check_spec_matches(recorded, spec, f"index {directory}")
+        with IndexWriter(VectorStore(directory, catalog), opts.checkpoint_seconds) as writer:
             # The model costs seconds to load: a run with nothing to embed never loads it.
             clip = model if isinstance(model, ClipModel) else None
-            if clip is None and (index.signature is None or opts.reindex):
+            if clip is None and (recorded is None or opts.reindex):
                 clip = ClipModel(spec)
             if clip is not None:
                 if opts.reindex:
-                    _begin_reindex(writer, index, clip, root_list)
+                    _begin_reindex(writer, recorded, clip, root_list)
                 else:
-                    writer.bind_model(clip)
+                    _bind(writer, recorded, clip)
             writer.reconcile()
-            existing = {r.path: r for r in index.catalog.records().values() if under_roots(r.path, root_list)}
-            failures = {p: f for p, f in index.catalog.failures().items() if under_roots(p, root_list)}
-            ignore = remember_excludes(index.catalog, root_list, opts.excludes)  # stored under the lock
+            existing = {r.path: r for r in catalog.records().values() if under_roots(r.path, root_list)}
+            failures = {p: f for p, f in catalog.failures().items() if under_roots(p, root_list)}
+            ignore = remember_excludes(catalog, root_list, opts.excludes)  # stored under the lock
             scanned = scan(root_list, ignore=ignore)
             plan = make_plan(scanned, existing, failures=failures, reindex=opts.reindex)
             if writer.reindexing:
@@ -122,19 +132,48 @@ def index_folders(
             if plan.jobs:
                 if clip is None:
                     clip = ClipModel(spec)
-                    writer.bind_model(clip)
+                    _bind(writer, recorded, clip)
                 clip.warm_up()
                 t0 = time.monotonic()
                 _embed(writer, clip, plan.jobs, opts, summary, progress, stop)
                 summary.embed_seconds = time.monotonic() - t0
             if writer.reindexing and not summary.interrupted:
-                summary.reindex_pending = not writer.finish_reindex()
+                replaced = writer.finish_reindex()
+                summary.reindex_pending = replaced is None
+                if replaced is not None and clip is not None:
+                    _drop_derived_files(directory, ModelSignature.from_dict(replaced), clip.signature)
             if clip is not None and not summary.interrupted and not writer.reindexing:
-                export_onnx_text(index.directory, clip)  # once per index: fast cold text queries
+                save_text_tower(directory, clip)  # once per index: fast cold text queries
     finally:
-        index.close()
+        catalog.close()
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _make_index_dir(index_dir: str | os.PathLike[str] | None) -> Path:
+    directory = resolve_index_dir(index_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IndexWriteError(f"cannot create index folder {directory}: {exc.strerror or exc}") from None
+    return directory
+
+
+def _bind(writer: IndexWriter, recorded: ModelSignature | None, clip: ClipModel) -> None:
+    """Index with `clip`: recorded by an empty index, refused by one built with another model."""
+    if recorded is not None:
+        recorded.check_compatible(clip.signature, f"index {writer.store.directory}")
+    writer.bind_signature(clip.signature.to_dict())
+
+
+def _same_model(a: dict, b: dict) -> bool:
+    return ModelSignature.from_dict(a).matches(ModelSignature.from_dict(b))
+
+
+def _drop_derived_files(directory: Path, old: ModelSignature, new: ModelSignature) -> None:
+    """After a reindex swapped models: the old model's exported text tower is of no use."""
+    if old.key() != new.key():
+        remove_text_tower(directory, old)
 
 
 def _embed(
@@ -146,16 +185,14 @@ def _embed(
     progress: Progress | None,
     stop: threading.Event | None,
 ) -> None:
-    from contextlib import closing
-
-    import torch
+    import torch  # seconds to import: a run with nothing to embed never does
 
     total = len(jobs)
     handled = 0  # files back from the decoders, of every kind: the one counter progress shows
     batch: list[Decoded] = []
     touched: list[Move] = []
     stale: list[int] = []  # rows of changed files that can no longer be read
-    failed: list[Failure] = []
+    failed: list[FailureRecord] = []
     # Commits, progress and the stop check come every batch_size files handled (or every few
     # seconds), whatever the files turn out to be: a run of touched files or of failures embeds
     # nothing, and must still keep its work as it goes and answer Ctrl-C.
@@ -213,16 +250,16 @@ def _embed(
     workers = opts.decode_workers or default_decode_workers()
     decode_time = [0.0]
 
-    def timed_decode(job: EmbedJob) -> Decoded | SameContent | Failed:
+    def timed_decode(job: EmbedJob) -> Decoded | SameContent | DecodeFailure:
         t0 = time.perf_counter()
         try:
             return decode_job(job, clip.preprocess, opts.decode)
         finally:
             decode_time[0] += time.perf_counter() - t0  # float += under the GIL: good enough
 
-    pool: DecodePool[EmbedJob, Decoded | SameContent | Failed] = DecodePool(
+    pool: DecodePool[EmbedJob, Decoded | SameContent | DecodeFailure] = DecodePool(
         timed_decode,
-        lambda job, secs: Failed(
+        lambda job, secs: DecodeFailure(
             job.info.path, f"decoding took over {opts.decode_timeout:g} s; skipped", job
         ),
         workers=workers,
@@ -243,7 +280,7 @@ def _embed(
                 else:
                     summary.failed.append((result.path, result.reason))
                     if result.permanent and result.size is not None and result.mtime_ns is not None:
-                        failed.append(Failure(result.path, result.size, result.mtime_ns, result.reason))
+                        failed.append(FailureRecord(result.path, result.size, result.mtime_ns, result.reason))
                     job = result.job
                     # A changed file that cannot be read leaves; a file that a reindex could not
                     # read this time keeps its row (the reindex is finished by a later run).
@@ -272,27 +309,19 @@ def _reembeds_same_file(job: EmbedJob) -> bool:
     return job.force and prev is not None and (prev.size, prev.mtime_ns) == (job.info.size, job.info.mtime_ns)
 
 
-def _open_for_reindex(index_dir, spec: ModelSpec) -> ImageIndex:  # type: ignore[no-untyped-def]
-    """Open without the model check: --reindex may switch models on purpose."""
-    from retrieval.core.locations import resolve_index_dir
-
-    directory = resolve_index_dir(index_dir)
-    if (Path(directory) / "catalog.sqlite").exists():
-        return ImageIndex.open(directory, device=spec.device, precision=spec.precision)
-    return ImageIndex.create(directory, spec)
-
-
-def _begin_reindex(writer: IndexWriter, index: ImageIndex, clip: ClipModel, roots: list[str]) -> None:
+def _begin_reindex(
+    writer: IndexWriter, recorded: ModelSignature | None, clip: ClipModel, roots: list[str]
+) -> None:
     """Embed everything under `roots` into a new set of vectors beside the searchable one.
     Another model cannot keep vectors of images this run does not reach: refused unless `roots`
     cover the whole index (nothing is dropped unasked)."""
-    outside = [r for r in index.catalog.records().values() if not under_roots(r.path, roots)]
-    if outside and index.signature is not None and not index.signature.matches(clip.signature):
+    outside = [r for r in writer.catalog.records().values() if not under_roots(r.path, roots)]
+    if outside and recorded is not None and not recorded.matches(clip.signature):
         raise ClipdexError(
             f"switching models re-embeds the whole index, which also holds {len(outside)} images outside "
             f"the folders given (e.g. {outside[0].path}): pass every indexed folder, or use a new --index"
         )
-    writer.begin_reindex(clip, carry_over=[r.id for r in outside])
+    writer.begin_reindex(clip.signature.to_dict(), _same_model, carry_over=[r.id for r in outside])
 
 
 def _skip_reindexed(plan: Plan, done: set[int]) -> None:

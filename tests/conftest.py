@@ -96,7 +96,8 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_clip_model():
     """The seeded random tiny model (64-d). Shared: tests read `images_encoded` as deltas."""
-    from retrieval.embedding.clip_model import ClipModel, ModelSpec
+    from retrieval.embedding.clip_model import ClipModel
+    from retrieval.embedding.spec import ModelSpec
 
     return ClipModel(ModelSpec(TINY_ARCH, "random", device="cpu"))
 
@@ -114,7 +115,8 @@ def tiny_checkpoint(tiny_clip_model, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def other_clip_model():
     """Same architecture, other weights (seed 1)."""
-    from retrieval.embedding.clip_model import ClipModel, ModelSpec
+    from retrieval.embedding.clip_model import ClipModel
+    from retrieval.embedding.spec import ModelSpec
 
     return ClipModel(ModelSpec(TINY_ARCH, "random", device="cpu", seed=1))
 

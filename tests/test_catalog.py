@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import insert, update
 
 from retrieval.core.errors import ClipdexError
-from retrieval.storage.catalog import CATALOG_NAME, SCHEMA_VERSION, Catalog, ImageRow, Move, NewImage
+from retrieval.storage.catalog import CATALOG_NAME, SCHEMA_VERSION, Catalog, ImageRow
+from retrieval.storage.records import Move, NewImage
 
 
 def unit(seed: int, dim: int = 8) -> np.ndarray:
@@ -119,22 +120,22 @@ def test_exception_inside_a_write_rolls_back(catalog):
 
 def test_moved_and_touched_rows_keep_id_and_vector(catalog):
     a, b = catalog.commit_changes(added=[new("/a.jpg", 0), new("/b.jpg", 1)])
-    before = catalog.vectors([a, b], 8)
+    before = catalog.embeddings([a, b], 8)
     catalog.commit_changes(moved=[Move(a, "/sub/a2.jpg", 100, 77)], touched=[Move(b, "/b.jpg", 101, 88)])
     assert catalog.record_by_path("/a.jpg") is None
     ra, rb = catalog.record_by_path("/sub/a2.jpg"), catalog.record_by_path("/b.jpg")
     assert (ra.id, ra.mtime_ns) == (a, 77)
     assert (rb.id, rb.size, rb.mtime_ns, rb.content_hash) == (b, 101, 88, "hash1")
-    np.testing.assert_array_equal(catalog.vectors([a, b], 8), before)
+    np.testing.assert_array_equal(catalog.embeddings([a, b], 8), before)
 
 
 def test_vectors_in_requested_order_and_unknown_id_raises(catalog):
     ids = catalog.commit_changes(added=[new(f"/{i}.jpg", i) for i in range(4)])
-    got = catalog.vectors([ids[3], ids[0], ids[2]], 8)
+    got = catalog.embeddings([ids[3], ids[0], ids[2]], 8)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, np.stack([unit(3), unit(0), unit(2)]))
     with pytest.raises(KeyError):
-        catalog.vectors([ids[0], 12345], 8)
+        catalog.embeddings([ids[0], 12345], 8)
 
 
 def test_large_batches_are_chunked(catalog):
@@ -142,9 +143,9 @@ def test_large_batches_are_chunked(catalog):
     ids = catalog.commit_changes(added=[new(f"/many/{i}.jpg", i, dim=4) for i in range(1000)])
     assert len(ids) == 1000 and catalog.count() == 1000  # over the 900-id chunks used in queries
     assert len(catalog.records(ids)) == 1000
-    vecs = catalog.vectors(ids, 4)
+    vecs = catalog.embeddings(ids, 4)
     np.testing.assert_array_equal(vecs[934], unit(934, 4))
-    seen = np.concatenate([i for i, _ in catalog.iter_vectors(batch=300)])
+    seen = np.concatenate([i for i, _ in catalog.iter_embedding_blobs(batch=300)])
     assert seen.tolist() == ids
     catalog.commit_changes(removed=ids[::2])
     assert catalog.ids().tolist() == ids[1::2]

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from cli import preview
 from cli.main import app
 from cli.output import print_hits
+from retrieval.core.filters import Filters
 from retrieval.core.hits import Hit
 from retrieval.index import ImageIndex
-from retrieval.search.filters import Filters
 from retrieval.search.query import Query, Term, load_templates
 
 SEARCH = "2:red circle + green hills"

@@ -32,7 +32,7 @@ from retrieval.storage.verify import verify_index
 WRITER = f"""
 import sys
 from indexer import IndexOptions, index_folders
-from retrieval.embedding.clip_model import ModelSpec
+from retrieval.embedding.spec import ModelSpec
 options = IndexOptions(batch_size=4, decode_workers=1, checkpoint_seconds=0)
 summary = index_folders([sys.argv[1]], sys.argv[2], ModelSpec("{TINY_ARCH}", "random", device="cpu"), options)
 print("added", summary.added)
@@ -64,7 +64,7 @@ def check_hits(index: ImageIndex, query: np.ndarray, rows_before: int) -> int:
         # every hit is a catalog row, and its score is the row's own vector's
         records = index.catalog.records([h.id for h in hits])
         assert all(h.id in records and records[h.id].path == h.path for h in hits)
-        vectors = index.catalog.vectors([h.id for h in hits], index.dim)
+        vectors = index.catalog.embeddings([h.id for h in hits], index.dim)
         q = query / np.linalg.norm(query)
         np.testing.assert_allclose(vectors @ q, scores, atol=1e-5)
     return len(hits)
@@ -118,7 +118,7 @@ def test_searches_while_an_indexer_writes(tmp_path):
     assert mid_run >= 3, f"only {mid_run} searches ran while the indexer was half-way"
     with ImageIndex.open(index_dir) as index:
         assert check_hits(index, rng.standard_normal(64), total) == total
-        assert verify_index(index).ok
+        assert verify_index(index.store).ok
     print(f"\nconcurrency: {searches} searches while indexing, {mid_run} rounds saw a partial index")
 
 
@@ -213,7 +213,7 @@ def test_photo_folders_are_only_read(tmp_path, tiny_clip_model):
         assert again.unchanged == 11 and again.added == 0
         with ImageIndex.open(index_dir) as index:
             index.use_model(tiny_clip_model)
-            assert verify_index(index).ok
+            assert verify_index(index.store).ok
             assert index.search_image(photos / "2019" / "scene002.png", k=3)
         after = snapshot(photos)
         assert after.keys() == before.keys(), sorted(set(after) ^ set(before))

@@ -43,7 +43,7 @@ from retrieval.core.images import load_image
 from retrieval.embedding.clip_model import ClipModel
 from retrieval.index import ImageIndex
 from retrieval.storage.catalog import CATALOG_NAME, Catalog
-from retrieval.storage.faiss_index import VECTORS_NAME, VectorIndex
+from retrieval.storage.faiss_index import FAISS_FILE, FaissIndex
 from retrieval.storage.lock import WriterLock
 from retrieval.storage.verify import verify_index
 
@@ -53,7 +53,7 @@ CLIPDEX = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cli.ma
 CHILD_OPTIONS = IndexOptions(batch_size=4, decode_workers=1, checkpoint_seconds=0.0)
 MIN_KILLS = 20
 # What `verify` may report between a crash and the resume: the FAISS cache lagging behind.
-LAG_PROBLEMS = ("FAISS and catalog differ: ", f"{VECTORS_NAME} is missing or unreadable")
+LAG_PROBLEMS = ("FAISS and catalog differ: ", f"{FAISS_FILE} is missing or unreadable")
 
 
 class OsWithHooks:
@@ -112,7 +112,7 @@ def by_path(index_dir: Path) -> dict[str, tuple[tuple, np.ndarray]]:
     try:
         records = catalog.records()
         ids = sorted(records)
-        vectors = catalog.vectors(ids, 64)
+        vectors = catalog.embeddings(ids, 64)
         return {
             records[i].path: (
                 (
@@ -131,7 +131,7 @@ def by_path(index_dir: Path) -> dict[str, tuple[tuple, np.ndarray]]:
 
 
 def faiss_ids(index_dir: Path) -> np.ndarray | None:
-    stored = VectorIndex.load(index_dir / VECTORS_NAME, 64)
+    stored = FaissIndex.load(index_dir / FAISS_FILE, 64)
     return None if stored is None else np.sort(stored.ids())
 
 
@@ -148,7 +148,7 @@ def committed_rows(db: Path) -> int:
 
 
 def temp_files(index_dir: Path) -> list[str]:
-    return sorted(p.name for p in index_dir.iterdir() if p.name.startswith(f".{VECTORS_NAME}."))
+    return sorted(p.name for p in index_dir.iterdir() if p.name.startswith(f".{FAISS_FILE}."))
 
 
 def check_crashed_index(index_dir: Path, rng: np.random.Generator) -> list[str]:
@@ -157,22 +157,22 @@ def check_crashed_index(index_dir: Path, rng: np.random.Generator) -> list[str]:
         return []  # killed before the catalog was created
     WriterLock(index_dir).acquire().release()  # the lock died with its holder
     with ImageIndex.open(index_dir) as index:
-        report = verify_index(index, check_files=False)
+        report = verify_index(index.store, check_files=False)
         assert all(p.startswith(LAG_PROBLEMS) for p in report.problems), report.problems
         if index.signature is None:  # killed before the model was recorded
             assert index.catalog.count() == 0
             return report.problems
         catalog_ids = index.catalog.ids()
         # The cache on disk may lag, never contradict: an id in both holds the same vector.
-        stored = VectorIndex.load(index_dir / VECTORS_NAME, 64)
+        stored = FaissIndex.load(index_dir / FAISS_FILE, 64)
         if stored is not None:
             ids = stored.ids()
             assert len(np.unique(ids)) == len(ids)
             common = np.intersect1d(ids, catalog_ids)
             position = {int(i): k for k, i in enumerate(ids)}
             np.testing.assert_array_equal(
-                stored.vectors()[[position[int(i)] for i in common]],
-                index.catalog.vectors(common.tolist(), 64),
+                stored.reconstruct_all()[[position[int(i)] for i in common]],
+                index.catalog.embeddings(common.tolist(), 64),
             )
         # A reader sees exactly the committed rows.
         hits = index.search_vector(rng.standard_normal(64), k=100_000)
@@ -236,7 +236,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tiny_clip_model):
         completed += 1
         window *= 0.7
         with ImageIndex.open(index_dir) as index:
-            report = verify_index(index)
+            report = verify_index(index.store)
             assert report.ok and not report.missing_files, (report.problems, report.missing_files)
     else:
         pytest.fail(f"only {kills} kills in 120 rounds")
@@ -244,7 +244,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tiny_clip_model):
     status = reap(fork_indexer(photos, index_dir, tiny_clip_model))
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"indexer child failed ({status})"
     with ImageIndex.open(index_dir) as index:
-        report = verify_index(index)
+        report = verify_index(index.store)
         assert report.ok and not report.missing_files, (report.problems, report.missing_files)
 
     # The crashed-and-resumed index equals one clean run over the same folder.
@@ -288,7 +288,7 @@ def plant_kill(point: str, nth: int = 3) -> None:
         catalog_mod.Catalog.commit_changes = commit_changes
         catalog_mod._WriteTxn.__exit__ = exit_
     elif point == "before_the_faiss_save":
-        real_save = vectors_mod.VectorIndex.save
+        real_save = vectors_mod.FaissIndex.save
 
         def save(self, path, stamp=None):  # type: ignore[no-untyped-def]
             calls[0] += 1
@@ -296,7 +296,7 @@ def plant_kill(point: str, nth: int = 3) -> None:
                 _kill_me()
             return real_save(self, path, stamp)
 
-        vectors_mod.VectorIndex.save = save
+        vectors_mod.FaissIndex.save = save
     else:
 
         def replace(src, dst):  # type: ignore[no-untyped-def]
@@ -338,7 +338,7 @@ def test_sigkill_at_each_step_of_a_commit(point, tmp_path, tiny_clip_model):
     assert (summary.added, summary.unchanged) == (16 - rows, rows)
     assert tiny_clip_model.images_encoded - before == 16 - rows  # committed rows are not embedded again
     with ImageIndex.open(index_dir) as index:
-        report = verify_index(index)
+        report = verify_index(index.store)
         assert report.ok and index.catalog.count() == 16, report.problems
         assert np.array_equal(faiss_ids(index_dir), index.catalog.ids())
 
@@ -353,7 +353,7 @@ def test_a_temp_file_orphaned_by_a_crash_is_cleaned_up_by_the_next_writer(tmp_pa
         pytest.fail("precondition: the child should have died with its temp file written")
     index_folders([photos], index_dir, tiny_clip_model, IndexOptions(batch_size=4))
     with ImageIndex.open(index_dir) as index:
-        if not verify_index(index).ok:
+        if not verify_index(index.store).ok:
             pytest.fail("precondition: the resumed index should verify")
     assert temp_files(index_dir) == []
 
@@ -378,7 +378,7 @@ def test_a_kill_while_the_catalog_is_created_does_not_brick_the_index(tmp_path, 
     summary = index_folders([photos], index_dir, tiny_clip_model)
     assert summary.added == 4
     with ImageIndex.open(index_dir) as index:
-        assert verify_index(index).ok
+        assert verify_index(index.store).ok
 
 
 # -- Ctrl-C on the real command -----------------------------------------------------------------
@@ -415,7 +415,7 @@ def test_ctrl_c_commits_the_batch_in_flight_and_the_next_run_does_the_rest(tmp_p
     assert 8 <= done < total and done % 4 == 0, done  # whole batches only
     with ImageIndex.open(index_dir) as index:
         assert index.catalog.count() == done
-        report = verify_index(index)  # a clean stop saves FAISS on its way out
+        report = verify_index(index.store)  # a clean stop saves FAISS on its way out
         assert report.ok, report.problems
 
     before = tiny_clip_model.images_encoded
@@ -424,7 +424,7 @@ def test_ctrl_c_commits_the_batch_in_flight_and_the_next_run_does_the_rest(tmp_p
     assert tiny_clip_model.images_encoded - before == total - done
     with ImageIndex.open(index_dir) as index:
         assert index.catalog.count() == total
-        assert verify_index(index).ok
+        assert verify_index(index.store).ok
 
 
 def test_a_second_ctrl_c_stops_at_once_and_loses_nothing(tmp_path, tiny_clip_model):
@@ -488,7 +488,7 @@ def test_a_second_ctrl_c_stops_at_once_and_loses_nothing(tmp_path, tiny_clip_mod
     done = committed_rows(index_dir / CATALOG_NAME)
     assert 8 <= done < total and done % 4 == 0, done
     with ImageIndex.open(index_dir) as index:
-        report = verify_index(index)  # the writer saved FAISS on its way out, lock released
+        report = verify_index(index.store)  # the writer saved FAISS on its way out, lock released
         assert report.ok, report.problems
     WriterLock(index_dir).acquire().release()
     before = tiny_clip_model.images_encoded
@@ -496,7 +496,7 @@ def test_a_second_ctrl_c_stops_at_once_and_loses_nothing(tmp_path, tiny_clip_mod
     assert (rest.added, rest.unchanged) == (total - done, done)
     assert tiny_clip_model.images_encoded - before == total - done
     with ImageIndex.open(index_dir) as index:
-        assert verify_index(index).ok and index.catalog.count() == total
+        assert verify_index(index.store).ok and index.catalog.count() == total
 
 
 # -- the disk refuses writes --------------------------------------------------------------------
@@ -504,7 +504,7 @@ def test_a_failed_faiss_write_is_a_clear_error_and_costs_nothing(tmp_path, tiny_
     photos, index_dir = tmp_path / "photos", tmp_path / "index"
     write_scenes(photos, 8)
     index_folders([photos], index_dir, tiny_clip_model)
-    saved = (index_dir / VECTORS_NAME).read_bytes()
+    saved = (index_dir / FAISS_FILE).read_bytes()
     write_scenes(photos, 8, seed0=100, prefix="more")
 
     def replace(src, dst):  # type: ignore[no-untyped-def]
@@ -515,9 +515,9 @@ def test_a_failed_faiss_write_is_a_clear_error_and_costs_nothing(tmp_path, tiny_
         index_folders([photos], index_dir, tiny_clip_model, IndexOptions(batch_size=4, checkpoint_seconds=0))
     monkeypatch.undo()
     message = str(caught.value)
-    assert str(index_dir / VECTORS_NAME) in message and "No space left on device" in message, message
+    assert str(index_dir / FAISS_FILE) in message and "No space left on device" in message, message
     assert "previous file is intact" in message
-    assert (index_dir / VECTORS_NAME).read_bytes() == saved
+    assert (index_dir / FAISS_FILE).read_bytes() == saved
     assert temp_files(index_dir) == []
     WriterLock(index_dir).acquire().release()
     # The batch committed before the save failed is in the catalog; FAISS lags, readers reconcile.
@@ -529,7 +529,7 @@ def test_a_failed_faiss_write_is_a_clear_error_and_costs_nothing(tmp_path, tiny_
     assert (summary.added, summary.unchanged) == (4, 12)
     assert tiny_clip_model.images_encoded - before == 4
     with ImageIndex.open(index_dir) as index:
-        assert verify_index(index).ok and index.catalog.count() == 16
+        assert verify_index(index.store).ok and index.catalog.count() == 16
 
 
 def _catalog_fault(kind: str):  # type: ignore[no-untyped-def]
@@ -563,13 +563,13 @@ def test_a_catalog_that_cannot_be_written_is_a_clear_error(kind, tmp_path, tiny_
         index_folders([photos], index_dir, tiny_clip_model, IndexOptions(batch_size=4))
     monkeypatch.undo()
     with ImageIndex.open(index_dir) as index:
-        assert verify_index(index).ok
+        assert verify_index(index.store).ok
 
 
 # -- verify --repair ----------------------------------------------------------------------------
 def _damage(index_dir: Path, how: str) -> str:
     """Damage vectors.faiss; returns the problem `verify` must report."""
-    path = index_dir / VECTORS_NAME
+    path = index_dir / FAISS_FILE
     data = path.read_bytes()
     if how == "deleted":
         path.unlink()
@@ -580,7 +580,7 @@ def _damage(index_dir: Path, how: str) -> str:
     elif how == "vector_bytes_flipped":
         catalog = Catalog.open(index_dir)
         try:
-            first = catalog.vectors([int(catalog.ids()[0])], 64)[0].tobytes()
+            first = catalog.embeddings([int(catalog.ids()[0])], 64)[0].tobytes()
         finally:
             catalog.close()
         at = data.find(first)
@@ -588,14 +588,14 @@ def _damage(index_dir: Path, how: str) -> str:
         path.write_bytes(data[: at + 9] + bytes([data[at + 9] ^ 0x40]) + data[at + 10 :])
         return "FAISS vectors differ from the catalog's"
     elif how == "stale":  # saved at an earlier commit (a kill before the last save)
-        stored = VectorIndex.load(path, 64)
+        stored = FaissIndex.load(path, 64)
         stored.remove(stored.ids()[-1:])
         with sqlite3.connect(index_dir / CATALOG_NAME) as conn:
             history = conn.execute("SELECT generation, nonce FROM commits ORDER BY generation DESC")
             earlier = history.fetchall()[1]
         stored.save(path, dataclasses.replace(stored.stamp, generation=earlier[0], nonce=earlier[1]))
         return "FAISS and catalog differ: 1 ids only in the catalog, 0 only in FAISS"
-    return f"{VECTORS_NAME} is missing or unreadable"
+    return f"{FAISS_FILE} is missing or unreadable"
 
 
 @pytest.fixture(scope="module")
@@ -634,7 +634,7 @@ def test_verify_repair_rebuilds_vectors_without_embedding_anything(how, built_in
     assert checked.exit_code == 1 and f"problem: {problem}" in checked.stdout, checked.stdout
     repaired = runner.invoke(app, ["verify", "--repair", "--index", str(index_dir)])
     assert repaired.exit_code == 0, (repaired.stdout, repaired.exception)
-    assert f"repaired: rebuilt {VECTORS_NAME} from the catalog (12 vectors)" in repaired.stdout
+    assert f"repaired: rebuilt {FAISS_FILE} from the catalog (12 vectors)" in repaired.stdout
     again = runner.invoke(app, ["verify", "--index", str(index_dir)])
     assert again.exit_code == 0 and "ok: 12 images checked" in again.stdout, again.stdout
     assert calls == [], "verify --repair loaded a model or embedded images"
@@ -642,10 +642,10 @@ def test_verify_repair_rebuilds_vectors_without_embedding_anything(how, built_in
     after = by_path(index_dir)
     assert sorted(after) == sorted(rows)
     assert all(np.array_equal(after[p][1], rows[p][1]) for p in rows)
-    stored = VectorIndex.load(index_dir / VECTORS_NAME, 64)
+    stored = FaissIndex.load(index_dir / FAISS_FILE, 64)
     catalog = Catalog.open(index_dir)
     try:
-        np.testing.assert_array_equal(stored.vectors(), catalog.vectors(stored.ids().tolist(), 64))
+        np.testing.assert_array_equal(stored.reconstruct_all(), catalog.embeddings(stored.ids().tolist(), 64))
         assert np.array_equal(np.sort(stored.ids()), catalog.ids())
     finally:
         catalog.close()

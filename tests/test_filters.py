@@ -18,7 +18,7 @@ from test_query import (
 )
 
 from retrieval.core.errors import ClipdexError
-from retrieval.search.filters import Filters, parse_date, parse_formats
+from retrieval.core.filters import Filters, parse_date, parse_formats
 
 TEXTS = ["a red circle", "blue sky over green hills", "a yellow square", "sunset", "a dog"]
 GLOBS = ["*.png", "scene00[0-4]*", "*/jpg/*", "dup?_small.png", "*copy*", "*.webp", "scene*", "*/sub/*"]

@@ -42,9 +42,9 @@ def paths_and_failures(index_dir: Path) -> tuple[set[str], set[str]]:
 def assert_sound(index_dir: Path) -> None:
     """FAISS holds exactly the catalog's rows, and every row's file exists."""
     with ImageIndex.open(index_dir) as index:
-        report = verify_index(index)
+        report = verify_index(index.store)
         assert report.ok and report.missing_files == [], (report.problems, report.missing_files)
-        assert index.vectors().ntotal == len(index.records())
+        assert index.store.faiss.ntotal == len(index.records())
 
 
 def under(folder: Path, paths: set[str]) -> set[str]:

@@ -12,10 +12,10 @@ from conftest import make_scene, set_mtime, write_scenes
 
 from indexer import IndexOptions, index_folders
 from retrieval.core.errors import ClipdexError, IndexLockedError, ModelMismatchError
-from retrieval.embedding.clip_model import ModelSpec
+from retrieval.embedding.spec import ModelSpec
 from retrieval.index import ImageIndex
 from retrieval.storage.catalog import Catalog
-from retrieval.storage.faiss_index import VECTORS_NAME, VectorIndex
+from retrieval.storage.faiss_index import FAISS_FILE, FaissIndex
 from retrieval.storage.lock import WriterLock
 
 
@@ -38,12 +38,12 @@ def assert_consistent(index_dir: Path) -> None:
     try:
         dim = catalog.model_signature()["dim"]
         ids = catalog.ids()
-        saved = VectorIndex.load(index_dir / VECTORS_NAME, dim)
+        saved = FaissIndex.load(index_dir / FAISS_FILE, dim)
         assert saved is not None, "no readable FAISS file"
         assert saved.ntotal == catalog.count() == len(ids)
         fids = saved.ids()
         assert np.array_equal(np.sort(fids), ids)
-        np.testing.assert_array_equal(saved.vectors(), catalog.vectors(fids.tolist(), dim))
+        np.testing.assert_array_equal(saved.reconstruct_all(), catalog.embeddings(fids.tolist(), dim))
     finally:
         catalog.close()
 
@@ -51,7 +51,7 @@ def assert_consistent(index_dir: Path) -> None:
 def vector_of(index_dir: Path, row_id: int) -> np.ndarray:
     catalog = Catalog.open(index_dir)
     try:
-        return catalog.vectors([row_id], 64)[0]
+        return catalog.embeddings([row_id], 64)[0]
     finally:
         catalog.close()
 

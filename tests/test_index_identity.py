@@ -19,7 +19,7 @@ from conftest import write_scenes
 from indexer import index_folders
 from retrieval.index import ImageIndex
 from retrieval.storage.catalog import CATALOG_NAME, SCHEMA_VERSION, Catalog
-from retrieval.storage.faiss_index import VECTORS_NAME, VectorIndex
+from retrieval.storage.faiss_index import FAISS_FILE, FaissIndex
 from retrieval.storage.verify import verify_index
 
 
@@ -29,7 +29,7 @@ def catalog_vectors(index_dir: Path) -> dict[str, np.ndarray]:
     try:
         records = catalog.records()
         ids = sorted(records)
-        vectors = catalog.vectors(ids, catalog.model_signature()["dim"])
+        vectors = catalog.embeddings(ids, catalog.model_signature()["dim"])
         return {records[i].path: v for i, v in zip(ids, vectors)}
     finally:
         catalog.close()
@@ -56,19 +56,20 @@ def test_a_catalog_copied_from_another_index_never_uses_this_faiss_file(tmp_path
     index_folders([write_scenes(tmp_path / "pb", 5, seed0=50)[0].parent], b, tiny_clip_model)
     # Same ids 1..5 in both, other images behind them.
     assert sorted(Catalog.open(a).ids().tolist()) == sorted(Catalog.open(b).ids().tolist())
-    stale = VectorIndex.load(a / VECTORS_NAME, 64)
+    stale = FaissIndex.load(a / FAISS_FILE, 64)
     move_catalog(b, a)  # a's vectors.faiss stays, with the same id set
     assert_answers_with_own_vectors(a)  # a reader rebuilt from the catalog in memory
     with ImageIndex.open(a) as index:
-        report = verify_index(index, check_files=False)
-    assert report.problems == [f"{VECTORS_NAME} does not belong to this catalog or its model (never used)"]
+        report = verify_index(index.store, check_files=False)
+    assert report.problems == [f"{FAISS_FILE} does not belong to this catalog or its model (never used)"]
     # The next writer replaces the file, stamped with this catalog's identity.
     index_folders([tmp_path / "pb"], a, tiny_clip_model)
-    fresh = VectorIndex.load(a / VECTORS_NAME, 64)
+    fresh = FaissIndex.load(a / FAISS_FILE, 64)
     assert fresh.stamp is not None and fresh.stamp.index_id == Catalog.open(a).get_meta("index_id")
-    assert not np.array_equal(np.sort(fresh.vectors(), axis=0), np.sort(stale.vectors(), axis=0))
+    fresh_vecs, stale_vecs = fresh.reconstruct_all(), stale.reconstruct_all()
+    assert not np.array_equal(np.sort(fresh_vecs, axis=0), np.sort(stale_vecs, axis=0))
     with ImageIndex.open(a) as index:
-        assert verify_index(index, check_files=False).ok
+        assert verify_index(index.store, check_files=False).ok
 
 
 def test_a_faiss_file_from_a_later_history_is_not_trusted(tmp_path, tiny_clip_model):
@@ -81,7 +82,7 @@ def test_a_faiss_file_from_a_later_history_is_not_trusted(tmp_path, tiny_clip_mo
     move_catalog(index_dir, backup)
     write_scenes(photos, 3, seed0=20, prefix="later")  # ids 5..7 in this history
     index_folders([photos], index_dir, tiny_clip_model)
-    later = VectorIndex.load(index_dir / VECTORS_NAME, 64)
+    later = FaissIndex.load(index_dir / FAISS_FILE, 64)
     assert later.ntotal == 7
     move_catalog(backup, index_dir)  # restore: 4 rows, the file has 7
     # In the restored history, ids 5..7 are handed out again, to other pictures.
@@ -89,7 +90,7 @@ def test_a_faiss_file_from_a_later_history_is_not_trusted(tmp_path, tiny_clip_mo
     write_scenes(other, 3, seed0=40)
     catalog = Catalog.open(index_dir)
     try:
-        from retrieval.storage.catalog import NewImage
+        from retrieval.storage.records import NewImage
 
         vecs = catalog_vectors_of_files(tiny_clip_model, sorted(other.iterdir()))
         ids = catalog.commit_changes(
@@ -123,12 +124,12 @@ def test_a_file_one_commit_behind_is_brought_up_to_date(tmp_path, tiny_clip_mode
     photos, index_dir = tmp_path / "photos", tmp_path / "index"
     write_scenes(photos, 4)
     index_folders([photos], index_dir, tiny_clip_model)
-    saved = (index_dir / VECTORS_NAME).read_bytes()
+    saved = (index_dir / FAISS_FILE).read_bytes()
     write_scenes(photos, 2, seed0=30, prefix="more")
     index_folders([photos], index_dir, tiny_clip_model)
-    (index_dir / VECTORS_NAME).write_bytes(saved)  # as if killed before the last save
+    (index_dir / FAISS_FILE).write_bytes(saved)  # as if killed before the last save
     with ImageIndex.open(index_dir) as index:
-        assert index.vectors().ntotal == 6
+        assert index.store.faiss.ntotal == 6
     assert_answers_with_own_vectors(index_dir)
 
 
@@ -168,10 +169,10 @@ def write_schema_1_index(source: Path, target: Path) -> dict[str, np.ndarray]:
             )
         conn.execute("INSERT INTO tags VALUES (1, 'cat', 0.9), (999, 'orphan', 0.5)")
     conn.close()
-    old = VectorIndex.empty(64)
+    old = FaissIndex.empty(64)
     paths = sorted(vectors)
     old.add(np.arange(1, len(paths) + 1), np.stack([vectors[p] for p in paths]))
-    old.save(target / VECTORS_NAME)  # no stamp, as 0.1 wrote it
+    old.save(target / FAISS_FILE)  # no stamp, as 0.1 wrote it
     return vectors
 
 
@@ -186,8 +187,8 @@ def test_a_schema_1_index_is_upgraded_when_first_opened(tmp_path, tiny_clip_mode
         assert index.catalog.get_meta("schema_version") == str(SCHEMA_VERSION)
         assert index.catalog.get_meta("index_id")
         assert index.catalog.tags_of() == {1: [("cat", 0.9)]}  # the orphan is gone
-        assert verify_index(index, check_files=False).problems == [
-            f"{VECTORS_NAME} does not belong to this catalog or its model (never used)"
+        assert verify_index(index.store, check_files=False).problems == [
+            f"{FAISS_FILE} does not belong to this catalog or its model (never used)"
         ]
     assert_answers_with_own_vectors(old_dir)
     upgraded = catalog_vectors(old_dir)

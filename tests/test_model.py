@@ -19,18 +19,18 @@ from conftest import TINY_ARCH, make_scene, write_scenes
 from PIL import Image
 
 from indexer import index_folders
+from indexer.model_choice import resolve_model_spec
 from retrieval.core.errors import ModelLoadError, ModelMismatchError
-from retrieval.embedding.clip_model import (
+from retrieval.embedding.clip_model import ClipModel, _hub_reachable
+from retrieval.embedding.devices import resolve_precision
+from retrieval.embedding.spec import (
     CONFIG_DIR,
-    ClipModel,
     ModelSignature,
     ModelSpec,
-    _hub_reachable,
     check_spec_matches,
     default_pretrained,
-    resolve_precision,
 )
-from retrieval.index import ImageIndex, resolve_model_spec
+from retrieval.index import ImageIndex
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -378,3 +378,13 @@ def test_hub_probe_goes_direct_for_no_proxy_hosts(fake_proxy, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", fake_proxy.url)  # the server itself as the hub, reached directly
     assert _hub_reachable(timeout=10) is True
     assert fake_proxy.seen == ["HEAD / HTTP/1.1"]
+
+
+def test_the_user_cache_folder_follows_xdg_without_clipdex_cache(tmp_path, monkeypatch):
+    from retrieval.embedding.spec import cache_dir
+
+    monkeypatch.delenv("CLIPDEX_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "clipdex"
+    monkeypatch.setenv("CLIPDEX_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"

@@ -45,7 +45,8 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """The tiny model and its text tower exported the default way (optimized, weights apart)."""
-    from retrieval.embedding.clip_model import ClipModel, ModelSpec
+    from retrieval.embedding.clip_model import ClipModel
+    from retrieval.embedding.spec import ModelSpec
 
     model = ClipModel(ModelSpec("clipdex-tiny", "random", device="cpu"))
     path = tmp_path_factory.mktemp("onnx") / "text.onnx"

@@ -16,8 +16,9 @@ pytest.importorskip("onnxruntime")
 
 torch = pytest.importorskip("torch")
 
-from retrieval.embedding.clip_model import ClipModel, ModelSpec  # noqa: E402
+from retrieval.embedding.clip_model import ClipModel  # noqa: E402
 from retrieval.embedding.onnx_image_tower import OnnxImageEncoder, export_image_tower, session_options  # noqa: E402
+from retrieval.embedding.spec import ModelSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,8 @@ from conftest import set_mtime, write_scenes
 import indexer.decode as decode_mod
 from indexer import IndexOptions, index_folders
 from indexer.pipeline import DecodePool
-from retrieval.index import ImageIndex, IndexWriter
+from retrieval.index import ImageIndex
+from retrieval.storage.writer import IndexWriter
 
 
 def clipdex_threads() -> set[threading.Thread]:

@@ -61,7 +61,7 @@ def build_query_corpus(model, root: Path) -> dict:
     try:
         records = catalog.records()
         ids = sorted(records)
-        vectors = catalog.vectors(ids, 64).astype(np.float64)
+        vectors = catalog.embeddings(ids, 64).astype(np.float64)
     finally:
         catalog.close()
     return {

@@ -32,11 +32,11 @@ def assert_searchable_with(index_dir, expected: dict[str, np.ndarray], weights_i
     """The index answers with `expected`'s model: each image first for its own vector, cosine 1."""
     with ImageIndex.open(index_dir) as index:
         assert index.signature.weights_id == weights_id
-        assert index.vectors().ntotal == len(expected)
+        assert index.store.faiss.ntotal == len(expected)
         for path, vec in expected.items():
             (top,) = index.search_vector(vec, k=1)
             assert top.path == path and top.score == pytest.approx(1.0, abs=1e-5)
-        assert verify_index(index, check_files=False).ok
+        assert verify_index(index.store, check_files=False).ok
 
 
 @pytest.fixture

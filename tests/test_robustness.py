@@ -27,10 +27,11 @@ import indexer.sync as sync_mod
 from indexer import IndexOptions, index_folders
 from indexer.decode import DecodeOptions
 from retrieval.core.errors import ModelLoadError
-from retrieval.embedding.clip_model import ClipModel, ModelSpec
+from retrieval.embedding.clip_model import ClipModel
+from retrieval.embedding.spec import ModelSpec
 from retrieval.index import ImageIndex
 from retrieval.storage.catalog import CATALOG_NAME
-from retrieval.storage.faiss_index import VECTORS_NAME
+from retrieval.storage.faiss_index import FAISS_FILE
 from retrieval.storage.verify import verify_index
 
 IS_ROOT = os.geteuid() == 0
@@ -154,11 +155,11 @@ def test_every_bad_file_is_reported_every_good_one_indexed(tmp_path, tiny_clip_m
                     assert (rec.width, rec.height) == corpus.sizes[label], label
             # EXIF orientations: the model saw the upright picture, exactly.
             labels = sorted(corpus.expected_pixels)
-            stored = index.catalog.vectors([by_label[k].id for k in labels], index.dim)
+            stored = index.catalog.embeddings([by_label[k].id for k in labels], index.dim)
             direct = tiny_clip_model.encode_pil([corpus.expected_pixels[k] for k in labels])
             gaps = {k: float(np.abs(s - d).max()) for k, s, d in zip(labels, stored, direct)}
             assert max(gaps.values()) < 1e-5, gaps
-            report = verify_index(index)
+            report = verify_index(index.store)
             assert report.ok and not report.missing_files, (report.problems, report.missing_files)
 
         # The next run: the file that was changing is still now and gets indexed; the rest of
@@ -420,7 +421,7 @@ def test_the_index_folder_holds_no_pickle(tmp_path, tiny_clip_model):
         if not name.endswith(".data"):  # raw tensor bytes, checked through their graph below
             assert not PICKLE_OR_TORCH_ZIP.match(path.read_bytes()[:4]), name
     # vectors.faiss is FAISS's own format (IndexIDMap2 over IndexFlatIP)
-    raw = files[VECTORS_NAME].read_bytes()
+    raw = files[FAISS_FILE].read_bytes()
     assert raw[:4] == b"IxM2" and b"IxFI" in raw[:64]
     assert faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8)).ntotal == 6
     lock = files["writer.lock"].read_bytes()

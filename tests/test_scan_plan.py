@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from indexer.plan import EmbedJob, make_plan, sha256_file
-from indexer.scan import FileInfo, ScanProblem, SkippedFolder, is_junk, normalize_roots, scan, under_roots
+from indexer.scan import FileInfo, SkippedFolder, UnreadableFile, is_junk, normalize_roots, scan, under_roots
 from retrieval.core.errors import ClipdexError
-from retrieval.storage.catalog import Failure, ImageRecord, Move
+from retrieval.storage.records import FailureRecord, ImageRecord, Move
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -22,7 +22,7 @@ def touch(path: Path, data: bytes = b"x") -> Path:
 def run_scan(*roots) -> tuple[list[str], dict[str, str]]:
     files, problems = [], {}
     for item in scan([str(r) for r in roots]):
-        if isinstance(item, ScanProblem):
+        if isinstance(item, UnreadableFile):
             problems[item.path] = item.reason
         else:
             assert isinstance(item, FileInfo)
@@ -145,7 +145,7 @@ def test_plan_classifies_every_file():
         "/r/old-name.jpg": rec(4, "/r/old-name.jpg", 12, 1, "h4"),
         "/r/same-size-other.jpg": rec(5, "/r/same-size-other.jpg", 13, 1, "h5"),
     }
-    problem = ScanProblem("/r/dead.jpg", "broken symbolic link")
+    problem = UnreadableFile("/r/dead.jpg", "broken symbolic link")
     scanned = [
         FileInfo("/r/same.jpg", 10, 1),
         FileInfo("/r/changed.jpg", 10, 2),  # new mtime
@@ -236,12 +236,12 @@ def test_plan_keeps_rows_of_files_whose_stat_failed():
         "/r/gone.jpg": rec(5, "/r/gone.jpg", 15, 1, "h5"),
     }
     failures = {
-        "/r/nas/bad.jpg": Failure("/r/nas/bad.jpg", 1, 1, "not an image"),
-        "/r/gone-bad.jpg": Failure("/r/gone-bad.jpg", 1, 1, "not an image"),
+        "/r/nas/bad.jpg": FailureRecord("/r/nas/bad.jpg", 1, 1, "not an image"),
+        "/r/gone-bad.jpg": FailureRecord("/r/gone-bad.jpg", 1, 1, "not an image"),
     }
     scanned = [
-        ScanProblem("/r/io-error.jpg", "input/output error"),
-        ScanProblem("/r/nas", "broken symbolic link"),
+        UnreadableFile("/r/io-error.jpg", "input/output error"),
+        UnreadableFile("/r/nas", "broken symbolic link"),
         FileInfo("/r/copy.jpg", 12, 5),  # same size and content as /r/nas/a.jpg: yet not a move
     ]
     plan = make_plan(scanned, existing, failures=failures, hash_file=lambda path: "h2")
@@ -258,7 +258,7 @@ def test_plan_keeps_rows_under_folders_that_could_not_be_listed():
         "/other-root/d.jpg": rec(4, "/other-root/d.jpg", 14),  # a root that could not be listed
         "/r/gone.jpg": rec(5, "/r/gone.jpg", 15),
     }
-    failures = {"/r/locked/bad.jpg": Failure("/r/locked/bad.jpg", 1, 1, "not an image")}
+    failures = {"/r/locked/bad.jpg": FailureRecord("/r/locked/bad.jpg", 1, 1, "not an image")}
     skipped = [SkippedFolder("/r/locked", "permission denied"), SkippedFolder("/other-root", "i/o error")]
     plan = make_plan([skipped[0], FileInfo("/r/new.jpg", 11, 1), skipped[1]], existing, failures=failures,
                      hash_file=lambda path: "h")

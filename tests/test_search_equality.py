@@ -14,7 +14,7 @@ from PIL import Image
 from indexer import index_folders
 from retrieval.index import ImageIndex
 from retrieval.storage.catalog import Catalog
-from retrieval.storage.faiss_index import VECTORS_NAME, VectorIndex
+from retrieval.storage.faiss_index import FAISS_FILE, FaissIndex
 
 TOL = 1e-5
 TEXTS = [
@@ -187,7 +187,7 @@ def test_stored_vectors_are_unit_float32_and_equal_to_direct(built):
     try:
         dim = 64
         seen = []
-        for ids, blobs in catalog.iter_vectors(batch=7):
+        for ids, blobs in catalog.iter_embedding_blobs(batch=7):
             for i, blob in zip(ids.tolist(), blobs):
                 assert len(blob) == dim * 4
                 v = np.frombuffer(blob, dtype=np.float32)
@@ -195,15 +195,15 @@ def test_stored_vectors_are_unit_float32_and_equal_to_direct(built):
                 np.testing.assert_allclose(v, built["direct"][i], atol=TOL)
                 seen.append(i)
         assert seen == sorted(built["paths"])
-        faiss_file = VectorIndex.load(built["dir"] / VECTORS_NAME, dim)
+        faiss_file = FaissIndex.load(built["dir"] / FAISS_FILE, dim)
         assert faiss_file is not None
         assert faiss_file.ntotal == catalog.count() == len(built["paths"])
         fids = faiss_file.ids()
         assert np.array_equal(np.sort(fids), catalog.ids())
-        fvecs = faiss_file.vectors()
+        fvecs = faiss_file.reconstruct_all()
         assert fvecs.dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(fvecs, axis=1), 1.0, atol=1e-5)
-        np.testing.assert_array_equal(fvecs, catalog.vectors(fids.tolist(), dim))
+        np.testing.assert_array_equal(fvecs, catalog.embeddings(fids.tolist(), dim))
     finally:
         catalog.close()
 

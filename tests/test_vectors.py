@@ -13,8 +13,9 @@ from conftest import write_scenes
 from indexer import index_folders
 from retrieval.core.errors import IndexWriteError
 from retrieval.index import ImageIndex
-from retrieval.storage.catalog import Catalog, NewImage
-from retrieval.storage.faiss_index import VECTORS_NAME, ReconcileReport, VectorIndex, reconcile
+from retrieval.storage.catalog import Catalog
+from retrieval.storage.faiss_index import FAISS_FILE, FaissIndex, ReconcileReport, reconcile
+from retrieval.storage.records import NewImage
 
 DIM = 16
 
@@ -24,10 +25,10 @@ def unit_rows(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def filled(n: int = 50, seed: int = 0, first_id: int = 100) -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+def filled(n: int = 50, seed: int = 0, first_id: int = 100) -> tuple[FaissIndex, np.ndarray, np.ndarray]:
     ids = np.arange(first_id, first_id + 3 * n, 3, dtype=np.int64)  # sparse ids, not positions
     vecs = unit_rows(n, seed)
-    vi = VectorIndex.empty(DIM)
+    vi = FaissIndex.empty(DIM)
     vi.add(ids, vecs)
     return vi, ids, vecs
 
@@ -49,7 +50,7 @@ def test_search_equals_brute_force():
 
 
 def test_search_of_empty_index_and_k_over_ntotal():
-    empty = VectorIndex.empty(DIM)
+    empty = FaissIndex.empty(DIM)
     scores, ids = empty.search(unit_rows(1), 3)
     assert (ids == -1).all() and np.isneginf(scores).all()
     vi, all_ids, _ = filled(4)
@@ -87,24 +88,24 @@ def test_remove_and_ids():
     assert vi.ntotal == 8
     keep = np.delete(np.arange(10), [0, 5])
     assert sorted(vi.ids().tolist()) == sorted(ids[keep].tolist())
-    by_id = dict(zip(vi.ids().tolist(), vi.vectors()))
+    by_id = dict(zip(vi.ids().tolist(), vi.reconstruct_all()))
     for j in keep:
         np.testing.assert_array_equal(by_id[int(ids[j])], vecs[j])
 
 
 def test_save_and_load_round_trip(tmp_path):
     vi, ids, vecs = filled(12)
-    path = tmp_path / VECTORS_NAME
+    path = tmp_path / FAISS_FILE
     vi.save(path)
-    back = VectorIndex.load(path, DIM)
+    back = FaissIndex.load(path, DIM)
     assert back is not None and back.ntotal == 12
     assert back.ids().tolist() == ids.tolist()
-    np.testing.assert_array_equal(back.vectors(), vecs)
-    assert [p.name for p in tmp_path.iterdir()] == [VECTORS_NAME]  # no temporary left behind
+    np.testing.assert_array_equal(back.reconstruct_all(), vecs)
+    assert [p.name for p in tmp_path.iterdir()] == [FAISS_FILE]  # no temporary left behind
 
 
 def test_save_writes_a_temporary_then_renames(tmp_path, monkeypatch):
-    path = tmp_path / VECTORS_NAME
+    path = tmp_path / FAISS_FILE
     old, _, _ = filled(3)
     old.save(path)
     old_bytes = path.read_bytes()
@@ -116,7 +117,7 @@ def test_save_writes_a_temporary_then_renames(tmp_path, monkeypatch):
         src, dst = os.fspath(src), os.fspath(dst)
         # at the rename, the destination still holds the old file and the new one is complete
         old_intact = Path(dst).read_bytes() == old_bytes
-        calls.append((src, dst, old_intact, VectorIndex.load(Path(src), DIM).ntotal))
+        calls.append((src, dst, old_intact, FaissIndex.load(Path(src), DIM).ntotal))
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", spy)
@@ -126,11 +127,11 @@ def test_save_writes_a_temporary_then_renames(tmp_path, monkeypatch):
     assert os.path.dirname(src) == str(tmp_path) and src != dst and dst == str(path)
     assert os.path.basename(src).startswith(".") and src.endswith(".tmp")
     assert old_intact and src_ntotal == 7
-    assert VectorIndex.load(path, DIM).ntotal == 7
+    assert FaissIndex.load(path, DIM).ntotal == 7
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / VECTORS_NAME
+    path = tmp_path / FAISS_FILE
     old, _, _ = filled(3)
     old.save(path)
     old_bytes = path.read_bytes()
@@ -143,18 +144,18 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(IndexWriteError, match="intact"):
         new_index.save(path)
     assert path.read_bytes() == old_bytes
-    assert [p.name for p in tmp_path.iterdir()] == [VECTORS_NAME]
+    assert [p.name for p in tmp_path.iterdir()] == [FAISS_FILE]
 
 
 def test_save_into_missing_folder_is_an_index_write_error(tmp_path):
     vi, _, _ = filled(2)
     with pytest.raises(IndexWriteError):
-        vi.save(tmp_path / "nope" / VECTORS_NAME)
+        vi.save(tmp_path / "nope" / FAISS_FILE)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "missing", "other-dim", "not-idmap"])
 def test_loading_a_bad_file_returns_none(tmp_path, damage):
-    path = tmp_path / VECTORS_NAME
+    path = tmp_path / FAISS_FILE
     vi, _, _ = filled(8)
     vi.save(path)
     good = path.read_bytes()
@@ -171,10 +172,10 @@ def test_loading_a_bad_file_returns_none(tmp_path, damage):
         flat.add(unit_rows(3))
         faiss.write_index(flat, str(path))
     if damage == "other-dim":
-        assert VectorIndex.load(path, DIM * 2) is None
-        assert VectorIndex.load(path, DIM) is not None
+        assert FaissIndex.load(path, DIM * 2) is None
+        assert FaissIndex.load(path, DIM) is not None
     else:
-        assert VectorIndex.load(path, DIM) is None
+        assert FaissIndex.load(path, DIM) is None
 
 
 def test_reconcile_fixes_missing_and_extra_ids():
@@ -194,7 +195,7 @@ def test_reconcile_fixes_missing_and_extra_ids():
     assert report == ReconcileReport(added=2, removed=2) and report.changed
     assert fetched == [[700, 701]]  # only the missing vectors are read
     assert sorted(vi.ids().tolist()) == catalog_ids.tolist()
-    by_id = dict(zip(vi.ids().tolist(), vi.vectors()))
+    by_id = dict(zip(vi.ids().tolist(), vi.reconstruct_all()))
     for i, v in catalog_vecs.items():
         np.testing.assert_array_equal(by_id[i], v)
 
@@ -216,38 +217,45 @@ def test_reader_ignores_rows_deleted_behind_a_stale_faiss_file(small_index):
     victim = int(cat.ids()[0])
     cat.commit_changes(removed=[victim])  # the FAISS file is not told
     cat.close()
-    assert victim in VectorIndex.load(small_index / VECTORS_NAME, 64).ids().tolist()
+    assert victim in FaissIndex.load(small_index / FAISS_FILE, 64).ids().tolist()
     with ImageIndex.open(small_index) as idx:
-        q = idx.catalog.vectors([victim + 1], 64)[0]
+        q = idx.catalog.embeddings([victim + 1], 64)[0]
         hits = idx.search_vector(q, k=10)
         assert victim not in [h.id for h in hits] and len(hits) == 4
-        assert idx.vectors().ntotal == 4
+        assert idx.store.faiss.ntotal == 4
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_reader_and_writer_rebuild_a_lost_faiss_file(small_index, tiny_clip_model, tmp_path, damage):
-    path = small_index / VECTORS_NAME
+    path = small_index / FAISS_FILE
     if damage == "missing":
         path.unlink()
     else:
         path.write_bytes(b"corrupt")
     with ImageIndex.open(small_index) as idx:
-        assert idx.vectors().ntotal == 5
+        assert idx.store.faiss.ntotal == 5
         assert len(idx.search_vector(np.ones(64, np.float32), k=3)) == 3
     s = index_folders([tmp_path / "photos"], small_index, model=tiny_clip_model)
     assert s.unchanged == 5
-    rebuilt = VectorIndex.load(path, 64)
+    rebuilt = FaissIndex.load(path, 64)
     assert rebuilt is not None and rebuilt.ntotal == 5
 
 
 def test_writer_commit_without_reconcile_keeps_faiss_equal_to_catalog(index_dir, tiny_clip_model):
-    idx = ImageIndex.create(index_dir, tiny_clip_model.spec)
+    from retrieval.search.ranking import top_hits
+    from retrieval.storage.catalog import open_catalog
+    from retrieval.storage.vector_store import VectorStore
+    from retrieval.storage.writer import IndexWriter
+
+    index_dir.mkdir()
+    catalog = open_catalog(index_dir, create=True)
+    store = VectorStore(index_dir, catalog)
     vecs = unit_rows(3, dim=64)
-    with idx.writer() as writer:
-        writer.bind_model(tiny_clip_model)
+    with IndexWriter(store) as writer:
+        writer.bind_signature(tiny_clip_model.signature.to_dict())
         ids = writer.commit(added=[NewImage(f"/x/{i}.jpg", 1, 1, f"h{i}", 1, 1, None, None, vecs[i])
                                    for i in range(3)])
-    assert idx.vectors().ntotal == idx.catalog.count() == 3
-    hits = idx.search_vector(vecs[0], k=3)
+    assert store.faiss.ntotal == catalog.count() == 3
+    hits = top_hits(store, vecs[0], k=3)
     assert [h.id for h in hits][0] == ids[0] and len({h.id for h in hits}) == 3
-    idx.close()
+    catalog.close()

@@ -18,11 +18,12 @@ from test_query import (
 )
 
 from retrieval.core.errors import ClipdexError
-from retrieval.embedding.clip_model import CONFIG_DIR, ClipModel, ModelSpec
+from retrieval.core.filters import Filters
+from retrieval.embedding.clip_model import ClipModel
+from retrieval.embedding.spec import CONFIG_DIR, ModelSpec
 from retrieval.index import ImageIndex
-from retrieval.search.filters import Filters
 from retrieval.search.query import default_templates
-from retrieval.search.zeroshot import parse_labels, read_labels, tags_of
+from retrieval.search.zeroshot import parse_labels, read_labels
 
 LABELS = ["cat", "dog", "car", "a red circle", "blue sky"]
 TOL = 1e-5
@@ -114,7 +115,7 @@ def test_stored_tags_filter_searches(corpus, writable, tiny_clip_model):
     # another label set adds its tags; storing the same set again replaces its own
     writable.store_tags(writable.classify(["indoor", "outdoor"], top=1), ["indoor", "outdoor"])
     writable.store_tags(writable.classify(LABELS, top=2), LABELS)
-    tags = tags_of(writable.catalog)
+    tags = writable.catalog.tags_of()
     assert all(len(t) == 3 for t in tags.values())
     both = writable.select_ids(Filters(tags=("indoor", "cat"))).tolist()
     assert both == sorted(i for i, t in tags.items() if {"indoor", "cat"} <= {x for x, _ in t})
@@ -212,9 +213,9 @@ def test_sigmoid_model_scores_each_label_independently(sigmoid_index, no_model_l
         sig = index.signature
         assert sig.logit_bias == pytest.approx(-0.5) and sig.logit_scale == pytest.approx(20.0, rel=1e-5)
         results = index.classify(labels, ensemble=False, top=None)
-        vectors = index.vectors()
+        vectors = index.store.faiss
         ids = np.sort(vectors.ids())
-        stored = index.catalog.vectors(ids.tolist(), index.dim).astype(np.float64)
+        stored = index.catalog.embeddings(ids.tolist(), index.dim).astype(np.float64)
         assert index._model is None
     cos = stored @ model.encode_texts(labels).astype(np.float64).T
     want = 1.0 / (1.0 + np.exp(-(sig.logit_scale * cos + sig.logit_bias)))

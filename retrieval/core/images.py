@@ -14,7 +14,8 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
-from PIL import Image, ImageOps
+import numpy as np
+from PIL import Image, ImageOps, features
 
 from retrieval.core.errors import ImageLoadError
 
@@ -44,7 +45,6 @@ def heif_available() -> bool:
 @lru_cache(maxsize=1)
 def avif_available() -> bool:
     # Pillow reads AVIF itself from 11.3 on, where its wheel was built with libavif.
-    from PIL import features
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a Pillow too old to know the feature warns, says False
@@ -134,8 +134,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # A plain convert() clips 16-bit values at 255: nearly white pictures. Scale instead.
-        import numpy as np
-
         arr = np.asarray(img, dtype=np.float64)
         # I;16 is 16-bit by definition (a dark picture must stay dark); 32-bit I and F carry no
         # range, so their values decide.

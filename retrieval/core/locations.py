@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import platformdirs
+
 ENV_INDEX = "CLIPDEX_INDEX"
 
 
@@ -13,9 +15,7 @@ def default_index_dir() -> Path:
     env = os.environ.get(ENV_INDEX)
     if env:
         return Path(env).expanduser()
-    # platformdirs is cheap to import; it follows XDG_DATA_HOME, macOS and Windows conventions.
-    import platformdirs
-
+    # platformdirs follows XDG_DATA_HOME, macOS and Windows conventions.
     return Path(platformdirs.user_data_dir("clipdex", appauthor=False)) / "index"
 
 

@@ -12,6 +12,7 @@ prepacking (it costs more at load than it saves on one query).
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
 import uuid
@@ -143,7 +144,6 @@ def _remove_stale_weights(path: Path) -> None:
 
 def _fp32_cpu(model: Any) -> Any:
     """`model` itself if it is already fp32 on CPU, else an fp32 CPU copy."""
-    import copy
 
     import torch
 

@@ -17,7 +17,7 @@ CACHE_NAME = "query-cache.sqlite"
 ENV_SWITCH = "CLIPDEX_QUERY_CACHE"  # "0" turns the cache off (benchmarks of the uncached path)
 
 
-class TextCache:
+class QueryCache:
     def __init__(self, index_dir: Path, model_key: str):
         self.path = index_dir / CACHE_NAME
         self.model_key = model_key

@@ -10,14 +10,11 @@ score lower (`min_score` says how far apart the loosest two members are).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retrieval.core.errors import ClipdexError
-
-if TYPE_CHECKING:
-    from retrieval.index import ImageIndex
+from retrieval.storage.vector_store import VectorStore
 
 DEFAULT_THRESHOLD = 0.95
 
@@ -83,19 +80,19 @@ def similar_pairs(
     return [(a, b, s) for (a, b), s in best.items()]
 
 
-def find_duplicates(index: ImageIndex, threshold: float = DEFAULT_THRESHOLD) -> list[DuplicateGroup]:
+def find_duplicates(store: VectorStore, threshold: float = DEFAULT_THRESHOLD) -> list[DuplicateGroup]:
     """Groups of images whose pairwise cosine exceeds `threshold`, largest group first (then by
     best score, then by smallest id)."""
     if not -1.0 <= threshold <= 1.0:
         raise ClipdexError(f"threshold must be a cosine between -1 and 1, not {threshold}")
-    if index.signature is None:
+    if store.catalog.active_model() is None:
         return []
-    vectors = index.vectors()
-    ids = vectors.ids()
+    faiss = store.faiss
+    ids = faiss.ids()
     if len(ids) < 2:
         return []
-    vecs = vectors.vectors()
-    pairs = similar_pairs(ids, vecs, vectors.index, threshold)
+    vecs = faiss.reconstruct_all()
+    pairs = similar_pairs(ids, vecs, faiss.index, threshold)
     if not pairs:
         return []
     position = {int(i): n for n, i in enumerate(ids.tolist())}
@@ -113,7 +110,7 @@ def find_duplicates(index: ImageIndex, threshold: float = DEFAULT_THRESHOLD) -> 
         root = uf.find(n)
         if root in members:
             members[root].append(int(i))
-    records = index.records([i for group in members.values() for i in group])
+    records = store.catalog.records([i for group in members.values() for i in group])
     groups = []
     for root, group_ids in members.items():
         group_ids.sort()

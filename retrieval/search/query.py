@@ -17,20 +17,15 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
 from retrieval.core.errors import ClipdexError
-
-if TYPE_CHECKING:
-    from retrieval.core.hits import Hit
-    from retrieval.index import ImageIndex
-    from retrieval.search.filters import Filters
 
 TermKind = Literal["text", "image"]
 # `W:` before a term; not when a digit follows the colon, so "12:30 sunset" stays a text.
@@ -247,138 +242,9 @@ def prompts(label: str, templates: Sequence[str]) -> list[str]:
     return [t.replace("{}", label) for t in templates]
 
 
-# -- embedding ---------------------------------------------------------------------------------
 def unit(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float32)
     norm = np.linalg.norm(v, axis=-1, keepdims=True)
     if not np.all(np.isfinite(norm)) or np.any(norm == 0):
         raise ClipdexError("cannot normalise a zero or non-finite vector")
     return (v / norm).astype(np.float32)
-
-
-def embed_labels(
-    index: ImageIndex,
-    labels: Sequence[str],
-    *,
-    ensemble: bool = True,
-    templates: Sequence[str] | None = None,
-) -> np.ndarray:
-    """One unit vector per label: the text itself, or the normalised mean of its normalised
-    prompt embeddings. All prompts go through `index.embed_texts` in one call (cached)."""
-    if not labels:
-        raise ClipdexError("no labels given")
-    if not ensemble:
-        return unit(index.embed_texts(list(labels)))
-    tpl = check_templates(templates) if templates is not None else default_templates()
-    texts = [p for label in labels for p in prompts(label, tpl)]
-    unique = list(dict.fromkeys(texts))
-    vecs = unit(index.embed_texts(unique))
-    where = {t: i for i, t in enumerate(unique)}
-    rows = np.asarray([where[t] for t in texts]).reshape(len(labels), len(tpl))
-    return unit(vecs[rows].astype(np.float64).mean(axis=1))
-
-
-def query_vector(index: ImageIndex, query: Query | str) -> np.ndarray:
-    """The unit query vector: the normalised weighted sum of the normalised term vectors."""
-    if isinstance(query, str):
-        query = Query.parse(query)
-    texts = [t for t in query.terms if t.kind == "text"]
-    vectors: dict[int, np.ndarray] = {}
-    if texts:
-        labels = list(dict.fromkeys(t.value for t in texts))
-        embedded = embed_labels(index, labels, ensemble=query.ensemble, templates=query.templates)
-        by_label = dict(zip(labels, embedded))
-        for n, t in enumerate(query.terms):
-            if t.kind == "text":
-                vectors[n] = by_label[t.value]
-    for n, t in enumerate(query.terms):
-        if t.kind == "image":
-            vectors[n] = unit(index.embed_image(os.path.expanduser(t.value)))
-    total = np.zeros(index.dim, dtype=np.float64)
-    for n, t in enumerate(query.terms):
-        total += t.weight * vectors[n].astype(np.float64)
-    norm = float(np.linalg.norm(total))
-    if not np.isfinite(norm) or norm < 1e-6:
-        raise ClipdexError("the query's terms cancel out: nothing left to search for")
-    return (total / norm).astype(np.float32)
-
-
-# -- searching ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Cutoffs:
-    """Which part of the ranked list to return.
-
-    `min_score`: drop hits below this cosine. `within`: keep hits within this margin of the best
-    score (of the whole list, not of the page). `offset`: skip that many hits (paging).
-    """
-
-    min_score: float | None = None
-    within: float | None = None
-    offset: int = 0
-    exclude_ids: tuple[int, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        if self.offset < 0:
-            raise ClipdexError("offset must be 0 or more")
-        if self.within is not None and self.within < 0:
-            raise ClipdexError("--within must be 0 or more")
-
-
-def search_page(
-    index: ImageIndex,
-    vector: np.ndarray,
-    k: int,
-    *,
-    allowed_ids: np.ndarray | None = None,
-    cutoffs: Cutoffs = Cutoffs(),
-) -> list[Hit]:
-    """Hits offset+1 .. offset+k of the full ranking (score descending, ties by id), after the
-    score cut-offs. Pages concatenate to the unpaged list: the tie group at the page's end is
-    always fetched whole, so FAISS never picks among equal scores for us."""
-    if k <= 0:
-        return []
-    end = cutoffs.offset + k
-    want = end + 1
-    while True:
-        hits = index.search_vector(vector, want, allowed_ids=allowed_ids, exclude_ids=cutoffs.exclude_ids)
-        if len(hits) < want or hits[-1].score < hits[end - 1].score:
-            break
-        want *= 2
-    if not hits:
-        return []
-    best = hits[0].score
-    if cutoffs.min_score is not None:
-        hits = [h for h in hits if h.score >= cutoffs.min_score]
-    if cutoffs.within is not None:
-        hits = [h for h in hits if h.score >= best - cutoffs.within]
-    return hits[cutoffs.offset : end]
-
-
-def run_query(
-    index: ImageIndex,
-    query: Query | str,
-    k: int = 10,
-    *,
-    filters: Filters | None = None,
-    min_score: float | None = None,
-    within: float | None = None,
-    offset: int = 0,
-    exclude_self: bool = True,
-) -> list[Hit]:
-    """Search with a combined query, exact filters and cut-offs (see ImageIndex.search_query)."""
-    from retrieval.search.filters import select_ids
-
-    if isinstance(query, str):
-        query = Query.parse(query)
-    vector = query_vector(index, query)
-    exclude: list[int] = []
-    if exclude_self:
-        for path in query.image_paths():
-            record = index.catalog.record_by_path(os.path.abspath(os.path.expanduser(path)))
-            if record is not None:
-                exclude.append(record.id)
-    allowed = select_ids(index, filters) if filters is not None and not filters.empty else None
-    if allowed is not None and len(allowed) == 0:
-        return []
-    cut = Cutoffs(min_score=min_score, within=within, offset=offset, exclude_ids=tuple(exclude))
-    return search_page(index, vector, k, allowed_ids=allowed, cutoffs=cut)

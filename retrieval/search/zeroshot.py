@@ -18,19 +18,16 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retrieval.core.errors import ClipdexError
-from retrieval.search.query import embed_labels, unit
+from retrieval.core.filters import Filters
+from retrieval.storage.catalog import Catalog
+from retrieval.storage.vector_store import VectorStore
 
-if TYPE_CHECKING:
-    from PIL import Image
+from .query import unit
 
-    from retrieval.index import ImageIndex
-    from retrieval.search.filters import Filters
-    from retrieval.storage.catalog import Catalog
 
 @dataclass(frozen=True)
 class LabelScore:
@@ -55,7 +52,7 @@ class ImageLabels:
 # -- labels ------------------------------------------------------------------------------------
 def parse_labels(text: str) -> list[str]:
     """`cat,dog,car` -> ['cat', 'dog', 'car'] (blanks dropped, order kept, duplicates dropped)."""
-    return _unique(p.strip() for p in text.split(","))
+    return unique(p.strip() for p in text.split(","))
 
 
 def read_labels(path: str | os.PathLike[str]) -> list[str]:
@@ -64,13 +61,13 @@ def read_labels(path: str | os.PathLike[str]) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ClipdexError(f"cannot read labels file {os.fspath(path)}: {exc.strerror or exc}") from None
-    labels = _unique(line.strip() for line in text.splitlines() if not line.strip().startswith("#"))
+    labels = unique(line.strip() for line in text.splitlines() if not line.strip().startswith("#"))
     if not labels:
         raise ClipdexError(f"labels file {os.fspath(path)} holds no labels")
     return labels
 
 
-def _unique(items: Iterable[str]) -> list[str]:
+def unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(i for i in items if i))
 
 
@@ -101,58 +98,39 @@ class Calibration:
         return softmax(logits) if self.bias is None else sigmoid(logits + self.bias)
 
 
-def calibration(index: ImageIndex) -> Calibration:
-    """From the index's record; an index written before it was recorded loads the model."""
-    sig = index.signature
-    if sig is not None and sig.logit_scale is not None:
-        return Calibration(float(sig.logit_scale), None if sig.logit_bias is None else float(sig.logit_bias))
-    model = index.model
-    return Calibration(float(model.logit_scale), model.logit_bias)
-
-
-def logit_scale(index: ImageIndex) -> float:
-    return calibration(index).scale
-
-
 # -- classify ----------------------------------------------------------------------------------
 def classify(
-    index: ImageIndex,
+    store: VectorStore,
     labels: Sequence[str],
+    label_vectors: np.ndarray,
+    calibration: Calibration,
     *,
-    ensemble: bool = True,
-    templates: Sequence[str] | None = None,
     filters: Filters | None = None,
     top: int | None = 1,
     min_probability: float = 0.0,
     batch: int = 8192,
 ) -> list[ImageLabels]:
-    """Label probabilities for every indexed image (or those meeting `filters`), by id.
+    """Label probabilities for every indexed image (or those meeting `filters`), by id;
+    `label_vectors` holds one unit vector per label.
 
     Each image keeps its `top` most probable labels (all with None) at or above
     `min_probability`."""
-    labels = _unique(labels)
-    if not labels:
-        raise ClipdexError("no labels given")
-    label_vecs = embed_labels(index, labels, ensemble=ensemble, templates=templates)
-    calib = calibration(index)
-    vectors = index.vectors()
-    ids = vectors.ids()
+    faiss = store.faiss
+    ids = faiss.ids()
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
     keep = np.ones(len(ids), dtype=bool)
     if filters is not None and not filters.empty:
-        from retrieval.search.filters import select_ids
-
-        keep = np.isin(ids, select_ids(index, filters))
-    all_vecs = vectors.vectors()[order][keep]
+        keep = np.isin(ids, store.catalog.select_ids(filters))
+    all_vecs = faiss.reconstruct_all()[order][keep]
     ids = ids[keep]
-    records = index.records(ids.tolist())
+    records = store.catalog.records(ids.tolist())
     n_top = len(labels) if top is None else max(0, min(int(top), len(labels)))
     out: list[ImageLabels] = []
     for start in range(0, len(ids), batch):
         chunk_ids = ids[start : start + batch]
-        scores = all_vecs[start : start + batch].astype(np.float64) @ label_vecs.T.astype(np.float64)
-        probs = calib.probabilities(scores)
+        scores = all_vecs[start : start + batch].astype(np.float64) @ label_vectors.T.astype(np.float64)
+        probs = calibration.probabilities(scores)
         best = np.argsort(-probs, axis=1, kind="stable")[:, :n_top]  # ties: the order given
         for row, image_id in enumerate(chunk_ids.tolist()):
             record = records.get(image_id)
@@ -173,23 +151,16 @@ def classify(
     return out
 
 
-def describe_image(
-    index: ImageIndex,
-    image: str | os.PathLike[str] | Image.Image,
+def rank_texts(
     texts: Sequence[str],
-    *,
-    ensemble: bool = False,
-    templates: Sequence[str] | None = None,
+    text_vectors: np.ndarray,
+    image_vector: np.ndarray,
+    calibration: Calibration,
     k: int | None = None,
 ) -> list[LabelScore]:
     """Candidate texts ranked for one image (image-to-text), best first, ties in given order."""
-    texts = _unique(texts)
-    if not texts:
-        raise ClipdexError("no candidate texts given")
-    text_vecs = embed_labels(index, texts, ensemble=ensemble, templates=templates)
-    image_vec = unit(index.embed_image(image))
-    scores = text_vecs.astype(np.float64) @ image_vec.astype(np.float64)
-    probs = calibration(index).probabilities(scores)
+    scores = text_vectors.astype(np.float64) @ unit(image_vector).astype(np.float64)
+    probs = calibration.probabilities(scores)
     ranked = sorted(range(len(texts)), key=lambda j: (-scores[j], j))
     if k is not None:
         ranked = ranked[: max(0, k)]
@@ -204,14 +175,4 @@ def store_tags(catalog: Catalog, results: Sequence[ImageLabels], labels: Sequenc
     rows = [
         {"image_id": r.id, "label": s.label, "probability": s.probability} for r in results for s in r.labels
     ]
-    return catalog.replace_tags([r.id for r in results], _unique(labels), rows)
-
-
-def tags_of(catalog: Catalog, ids: Sequence[int] | None = None) -> dict[int, list[tuple[str, float]]]:
-    """Stored tags by image id, most probable first."""
-    return catalog.tags_of(ids)
-
-
-def _chunks(items: list, size: int):  # type: ignore[no-untyped-def]
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+    return catalog.replace_tags([r.id for r in results], unique(labels), rows)

@@ -14,151 +14,58 @@ commit is not in this catalog's history (another catalog, a restored backup) is 
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import (
-    Float,
-    ForeignKey,
-    Index,
     Integer,
     LargeBinary,
-    String,
-    Text,
+    and_,
     create_engine,
     delete,
     event,
     func,
     insert,
     literal,
+    or_,
     select,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
 
 from retrieval.core.errors import ClipdexError, IndexNotFoundError, IndexWriteError
+from retrieval.core.filters import Filters, folder_prefixes, glob_matches
 
-SCHEMA_VERSION = 2
+from .lock import WriterLock
+from .records import FailureRecord, ImageRecord, Move, NewImage
+from .schema import (
+    ACTIVE,
+    PENDING,
+    SCHEMA_VERSION,
+    CommitRow,
+    FailureRow,
+    ImageRow,
+    MetaRow,
+    ModelRow,
+    TagRow,
+    VectorRow,
+    create_or_upgrade,
+    insert_model,
+    read_schema_version,
+    record_commit,
+    set_meta,
+)
+
 CATALOG_NAME = "catalog.sqlite"
 NORM_TOLERANCE = 1e-3  # stored vectors are unit-norm float32, within float32 rounding of the encoders
-ACTIVE, PENDING = "active", "pending"
 
 
 class IndexUpgradeNeeded(ClipdexError):
-    """The catalog has an older schema; a writer upgrades it (see ImageIndex.open)."""
-
-
-class FsPath(TypeDecorator[str]):
-    """A filesystem path stored as its exact bytes, so names that are not valid UTF-8 survive."""
-
-    impl = LargeBinary
-    cache_ok = True
-
-    def process_bind_param(self, value: str | None, dialect: object) -> bytes | None:
-        return None if value is None else os.fsencode(value)
-
-    def process_result_value(self, value: bytes | None, dialect: object) -> str | None:
-        return None if value is None else os.fsdecode(value)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class ImageRow(Base):
-    __tablename__ = "images"
-    __table_args__ = {"sqlite_autoincrement": True}
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(FsPath, unique=True)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
-    content_hash: Mapped[str] = mapped_column(String(64), index=True)
-    width: Mapped[int] = mapped_column(Integer)
-    height: Mapped[int] = mapped_column(Integer)
-    format: Mapped[str | None] = mapped_column(String(16))
-    taken_at: Mapped[float | None] = mapped_column(Float)  # EXIF DateTimeOriginal as unix time
-    indexed_at: Mapped[float] = mapped_column(Float)
-
-
-class ModelRow(Base):
-    """A model whose vectors the catalog holds: the active one, and at most one pending
-    (being built by a reindex)."""
-
-    __tablename__ = "models"
-    __table_args__ = {"sqlite_autoincrement": True}
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    signature: Mapped[str] = mapped_column(Text)  # JSON of retrieval.embedding.clip_model.ModelSignature
-    state: Mapped[str] = mapped_column(String(8), index=True)  # ACTIVE or PENDING
-
-
-class VectorRow(Base):
-    """One float32 unit vector per (image, model): narrow rows, apart from the metadata."""
-
-    __tablename__ = "vectors"
-
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
-    vector: Mapped[bytes] = mapped_column(LargeBinary)
-
-
-class TagRow(Base):
-    """Zero-shot labels stored by `classify --store`; they go with their image."""
-
-    __tablename__ = "tags"
-    __table_args__ = (Index("ix_tags_by_label", "label"),)
-
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
-    label: Mapped[str] = mapped_column(Text, primary_key=True)
-    probability: Mapped[float] = mapped_column(Float)
-
-
-class CommitRow(Base):
-    """The catalog's history: one row per write that changes what a search sees."""
-
-    __tablename__ = "commits"
-    __table_args__ = {"sqlite_autoincrement": True}
-
-    generation: Mapped[int] = mapped_column(Integer, primary_key=True)
-    nonce: Mapped[str] = mapped_column(String(32))
-    at: Mapped[float] = mapped_column(Float)
-
-
-class FailureRow(Base):
-    """A file that could not be indexed, as it was then: an unchanged file is not tried again
-    on every run (a library with broken files would otherwise pay for them each time)."""
-
-    __tablename__ = "failures"
-
-    path: Mapped[str] = mapped_column(FsPath, primary_key=True)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
-    reason: Mapped[str] = mapped_column(Text)
-
-
-@dataclass(frozen=True)
-class Failure:
-    path: str
-    size: int
-    mtime_ns: int
-    reason: str
-
-
-class MetaRow(Base):
-    __tablename__ = "meta"
-
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
+    """The catalog has an older schema; a writer upgrades it (see open_catalog)."""
 
 
 @dataclass(frozen=True)
@@ -176,43 +83,6 @@ class CatalogState:
     model_id: int | None  # the active model
     generation: int
     nonce: str
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """What the catalog knows of one indexed image (without its vector)."""
-
-    id: int
-    path: str
-    size: int
-    mtime_ns: int
-    content_hash: str
-    width: int
-    height: int
-    format: str | None
-    taken_at: float | None
-    indexed_at: float
-
-
-@dataclass(frozen=True)
-class NewImage:
-    path: str
-    size: int
-    mtime_ns: int
-    content_hash: str
-    width: int
-    height: int
-    format: str | None
-    taken_at: float | None
-    vector: np.ndarray
-
-
-@dataclass(frozen=True)
-class Move:
-    id: int
-    path: str
-    size: int
-    mtime_ns: int
 
 
 _RECORD_COLUMNS = (
@@ -279,7 +149,7 @@ class Catalog:
             if create:
                 # Tables, identity and schema version in one transaction (SQLite DDL is transactional).
                 with catalog._write() as conn:
-                    _create_or_upgrade(conn)
+                    create_or_upgrade(conn)
             version = int(catalog._schema_version() or 0)
         except OperationalError as exc:
             engine.dispose()
@@ -310,7 +180,7 @@ class Catalog:
 
     def _schema_version(self) -> str | None:
         with self.engine.connect() as conn:
-            return _schema_version(conn)
+            return read_schema_version(conn)
 
     # -- identity and history ---------------------------------------------------------------
     def state(self) -> CatalogState:
@@ -337,7 +207,7 @@ class Catalog:
 
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as conn:
-            _set_meta(conn, key, value)
+            set_meta(conn, key, value)
 
     # -- models ---------------------------------------------------------------------------
     def model_signature(self) -> dict | None:
@@ -360,26 +230,26 @@ class Catalog:
         """Make `signature` the active model (an existing one goes, with its vectors)."""
         with self._write() as conn:
             conn.execute(delete(ModelRow).where(ModelRow.state == ACTIVE))
-            new_id = _insert_model(conn, signature, ACTIVE)
-            _record_commit(conn)
+            new_id = insert_model(conn, signature, ACTIVE)
+            record_commit(conn)
         return new_id
 
     def clear_model_signature(self) -> None:
         with self._write() as conn:
             conn.execute(delete(ModelRow).where(ModelRow.state == ACTIVE))
-            _record_commit(conn)
+            record_commit(conn)
 
     def begin_pending(self, signature: dict) -> int:
         """A new pending model (replacing an unfinished one of another signature)."""
         with self._write() as conn:
             conn.execute(delete(ModelRow).where(ModelRow.state == PENDING))
-            return _insert_model(conn, signature, PENDING)
+            return insert_model(conn, signature, PENDING)
 
     def drop_pending(self) -> None:
         with self._write() as conn:
             conn.execute(delete(ModelRow).where(ModelRow.state == PENDING))
 
-    def copy_vectors(self, source: int, target: int, image_ids: Sequence[int]) -> None:
+    def copy_embeddings(self, source: int, target: int, image_ids: Sequence[int]) -> None:
         """Give `target` the vectors `source` has for `image_ids` (same model, kept as they are)."""
         with self._write() as conn:
             for chunk in _chunks(list(image_ids), 900):
@@ -401,7 +271,7 @@ class Catalog:
             conn.execute(delete(ImageRow).where(ImageRow.id.not_in(has_vector)))
             conn.execute(delete(ModelRow).where(ModelRow.state == ACTIVE))
             conn.execute(update(ModelRow).where(ModelRow.id == pending).values(state=ACTIVE))
-            _record_commit(conn)
+            record_commit(conn)
         return pending
 
     def dim_of(self, model_id: int) -> int:
@@ -411,12 +281,12 @@ class Catalog:
             self._dims[model_id] = int(json.loads(raw)["dim"])
         return self._dims[model_id]
 
-    def failures(self) -> dict[str, Failure]:
+    def failures(self) -> dict[str, FailureRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(FailureRow.path, FailureRow.size, FailureRow.mtime_ns, FailureRow.reason)
             )
-            return {r[0]: Failure(*r) for r in rows}
+            return {r[0]: FailureRecord(*r) for r in rows}
 
     # -- reads ----------------------------------------------------------------------------
     def count(self) -> int:
@@ -461,8 +331,8 @@ class Catalog:
             row = conn.execute(select(*_RECORD_COLUMNS).where(ImageRow.path == path)).first()
         return None if row is None else ImageRecord(*row)
 
-    def vectors(self, ids: Sequence[int], dim: int, model_id: int | None = None) -> np.ndarray:
-        """The stored vectors of `ids`, in that order (KeyError for an id without one)."""
+    def embeddings(self, ids: Sequence[int], dim: int, model_id: int | None = None) -> np.ndarray:
+        """The stored embeddings of `ids`, in that order (KeyError for an id without one)."""
         found: dict[int, bytes] = {}
         with self.engine.connect() as conn:
             model_id = _resolve_model(conn, model_id)
@@ -478,7 +348,7 @@ class Catalog:
             out[i] = np.frombuffer(found[row_id], dtype=np.float32)
         return out
 
-    def iter_vectors(
+    def iter_embedding_blobs(
         self, batch: int = 4096, model_id: int | None = None
     ) -> Iterator[tuple[np.ndarray, list[bytes]]]:
         """(ids, vectors) in chunks, by id; each vector exactly as stored (may be malformed)."""
@@ -500,7 +370,48 @@ class Catalog:
             yield ids, [r[1] for r in rows]
             last = int(ids[-1])
 
-    # -- tags -----------------------------------------------------------------------------
+    # -- filters --------------------------------------------------------------------------
+    def select_ids(self, filters: Filters) -> np.ndarray:
+        """Sorted ids of the images that meet `filters`: folder, date, type and size as SQL, globs
+        on the paths in Python (fnmatch), tags from the `tags` table."""
+        conditions = []
+        if filters.folders:
+            # SQLite's substr() counts bytes on a BLOB: a byte-exact prefix test.
+            conditions.append(
+                or_(
+                    *(
+                        func.substr(ImageRow.path, 1, len(prefix)) == literal(prefix, LargeBinary)
+                        for prefix in folder_prefixes(filters.folders)
+                    )
+                )
+            )
+        if filters.after is not None or filters.before is not None:
+            taken = func.coalesce(ImageRow.taken_at, ImageRow.mtime_ns / 1e9)
+            if filters.after is not None:
+                conditions.append(taken >= float(filters.after))
+            if filters.before is not None:
+                conditions.append(taken < float(filters.before))
+        if filters.formats:
+            conditions.append(func.upper(ImageRow.format).in_([f.upper() for f in filters.formats]))
+        if filters.min_width is not None:
+            conditions.append(ImageRow.width >= int(filters.min_width))
+        if filters.min_height is not None:
+            conditions.append(ImageRow.height >= int(filters.min_height))
+        stmt = select(ImageRow.id, ImageRow.path) if filters.globs else select(ImageRow.id)
+        if conditions:
+            stmt = stmt.where(and_(*conditions))
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt.order_by(ImageRow.id)).all()
+        if filters.globs:
+            ids = [r[0] for r in rows if any(glob_matches(g, r[1]) for g in filters.globs)]
+        else:
+            ids = [r[0] for r in rows]
+        out = np.asarray(ids, dtype=np.int64)
+        if filters.tags:
+            out = np.intersect1d(out, self.tagged_ids(filters.tags), assume_unique=True)
+        return out
+
+    # -- tags -------------------------------------------------------------------------------
     def replace_tags(self, image_ids: Sequence[int], labels: Sequence[str], rows: Sequence[dict]) -> int:
         """Replace the tags of `labels` on `image_ids` by `rows` ({image_id, label, probability});
         rows of images deleted meanwhile are dropped. Returns the number of rows written."""
@@ -557,7 +468,7 @@ class Catalog:
         moved: Sequence[Move] = (),
         removed: Sequence[int] = (),
         touched: Sequence[Move] = (),
-        failed: Sequence[Failure] = (),
+        failed: Sequence[FailureRecord] = (),
         forget_failures: Sequence[str] = (),
         revectored: Sequence[tuple[int, np.ndarray]] = (),
         model_id: int | None = None,
@@ -627,13 +538,30 @@ class Catalog:
                 conn.execute(
                     insert(FailureRow).values(path=f.path, size=f.size, mtime_ns=f.mtime_ns, reason=f.reason)
                 )
-            _set_meta(conn, "updated_at", str(now))
+            set_meta(conn, "updated_at", str(now))
             if added or removed or revectored or moved or touched:
-                _record_commit(conn)
+                record_commit(conn)
         return new_ids
 
     def _write(self):  # type: ignore[no-untyped-def]
         return _WriteTxn(self)
+
+
+def open_catalog(directory: Path, *, create: bool) -> Catalog:
+    """Open (with `create`: or make) the catalog; a catalog of an older clipdex is upgraded
+    first, under the writer lock, whoever opens it."""
+    if (directory / CATALOG_NAME).exists():
+        try:
+            return Catalog.open(directory)
+        except IndexUpgradeNeeded:
+            pass
+        except IndexNotFoundError:  # its creation was interrupted: finish it, if allowed to
+            if not create:
+                raise
+    elif not create:
+        raise IndexNotFoundError(f"no index at {directory}: build one with 'clipdex index FOLDER'")
+    with WriterLock(directory):
+        return Catalog.open(directory, create=True)
 
 
 def _vector_blob(vector: np.ndarray, dim: int, what: str) -> bytes:
@@ -652,78 +580,6 @@ def _resolve_model(conn: Connection, model_id: int | None) -> int | None:
     if model_id is not None:
         return model_id
     return conn.execute(select(ModelRow.id).where(ModelRow.state == ACTIVE)).scalar_one_or_none()
-
-
-def _insert_model(conn: Connection, signature: dict, state: str) -> int:
-    return conn.execute(
-        insert(ModelRow)
-        .values(signature=json.dumps(signature, sort_keys=True), state=state)
-        .returning(ModelRow.id)
-    ).scalar_one()
-
-
-def _record_commit(conn: Connection) -> None:
-    conn.execute(insert(CommitRow).values(nonce=secrets.token_hex(8), at=time.time()))
-
-
-def _set_meta(conn: Connection, key: str, value: str) -> None:
-    conn.execute(delete(MetaRow).where(MetaRow.key == key))
-    conn.execute(insert(MetaRow).values(key=key, value=value))
-
-
-def _schema_version(conn: Connection) -> str | None:
-    has_meta = conn.exec_driver_sql(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-    ).first()
-    if has_meta is None:
-        return None
-    return conn.execute(select(MetaRow.value).where(MetaRow.key == "schema_version")).scalar_one_or_none()
-
-
-def _table_exists(conn: Connection, name: str) -> bool:
-    found = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
-    return found.first() is not None
-
-
-def _create_or_upgrade(conn: Connection) -> None:
-    """Inside one write transaction: make a new catalog, add tables a later clipdex introduced,
-    or upgrade a schema-1 catalog (clipdex 0.1) to this schema."""
-    version = _schema_version(conn)
-    old = int(version) if version is not None else None
-    if old == 1 and _table_exists(conn, "tags"):
-        # 0.1's tags had no foreign key: set them aside and copy the live ones below.
-        conn.exec_driver_sql("DROP INDEX IF EXISTS ix_tags_label")
-        conn.exec_driver_sql("ALTER TABLE tags RENAME TO tags_v1")
-    Base.metadata.create_all(conn)
-    if old is None:
-        _set_meta(conn, "schema_version", str(SCHEMA_VERSION))
-        _set_meta(conn, "created_at", str(time.time()))
-        _set_meta(conn, "index_id", uuid.uuid4().hex)
-        _record_commit(conn)
-    elif old == 1:
-        _upgrade_from_1(conn)
-
-
-def _upgrade_from_1(conn: Connection) -> None:
-    sql = conn.exec_driver_sql
-    signature = sql("SELECT signature FROM model WHERE id = 1").scalar_one_or_none()
-    if signature is not None:
-        model_id = _insert_model(conn, json.loads(signature), ACTIVE)
-        sql(
-            "INSERT INTO vectors (image_id, model_id, vector) SELECT id, ?, vector FROM images",
-            (model_id,),
-        )
-    sql("ALTER TABLE images DROP COLUMN vector")
-    if _table_exists(conn, "tags_v1"):
-        sql(
-            "INSERT INTO tags (image_id, label, probability) SELECT t.image_id, t.label, t.probability "
-            "FROM tags_v1 t JOIN images i ON i.id = t.image_id"
-        )
-        sql("DROP TABLE tags_v1")
-    sql("DROP TABLE model")
-    _set_meta(conn, "schema_version", str(SCHEMA_VERSION))
-    _set_meta(conn, "index_id", uuid.uuid4().hex)
-    _record_commit(conn)
 
 
 class _WriteTxn:

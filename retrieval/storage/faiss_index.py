@@ -1,4 +1,4 @@
-"""The FAISS side: an `IndexIDMap2` over `IndexFlatIP` whose ids are catalog row ids.
+"""FaissIndex: an `IndexIDMap2` over `IndexFlatIP` whose ids are catalog row ids, and its file.
 
 Vectors are unit-norm float32, so inner product is cosine similarity. The file on disk is a
 cache of the catalog's vectors: it is written through a temporary file and an atomic rename,
@@ -24,7 +24,7 @@ import numpy as np
 
 from retrieval.core.errors import IndexWriteError
 
-VECTORS_NAME = "vectors.faiss"
+FAISS_FILE = "vectors.faiss"
 _TRAILER_MAGIC = b"clipdex-stamp-v1"  # 16 bytes, the file's very end
 
 
@@ -75,17 +75,17 @@ class ReconcileReport:
         return bool(self.added or self.removed)
 
 
-class VectorIndex:
+class FaissIndex:
     def __init__(self, index: faiss.IndexIDMap2, stamp: Stamp | None = None):
         self.index = index
         self.stamp = stamp  # of the file it was loaded from; None for one built in memory
 
     @classmethod
-    def empty(cls, dim: int) -> VectorIndex:
+    def empty(cls, dim: int) -> FaissIndex:
         return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
 
     @classmethod
-    def load(cls, path: Path, dim: int) -> VectorIndex | None:
+    def load(cls, path: Path, dim: int) -> FaissIndex | None:
         """The saved index with its stamp, or None when it is missing, unreadable or of another
         dimension."""
         try:
@@ -108,8 +108,8 @@ class VectorIndex:
     def ids(self) -> np.ndarray:
         return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
 
-    def vectors(self) -> np.ndarray:
-        """All vectors, in the order of `ids()`."""
+    def reconstruct_all(self) -> np.ndarray:
+        """All embeddings it holds, in the order of `ids()`."""
         n = self.ntotal
         if n == 0:
             return np.empty((0, self.dim), dtype=np.float32)
@@ -177,12 +177,12 @@ class VectorIndex:
                     os.unlink(tmp_name)
 
 
-def reconcile(vectors: VectorIndex, catalog_ids: np.ndarray, fetch) -> ReconcileReport:  # type: ignore[no-untyped-def]
-    """Make `vectors` hold exactly `catalog_ids`; `fetch(ids)` returns their stored vectors."""
-    have = vectors.ids()
+def reconcile(index: FaissIndex, catalog_ids: np.ndarray, fetch) -> ReconcileReport:  # type: ignore[no-untyped-def]
+    """Make `index` hold exactly `catalog_ids`; `fetch(ids)` returns their stored embeddings."""
+    have = index.ids()
     extra = np.setdiff1d(have, catalog_ids, assume_unique=True)
     missing = np.setdiff1d(catalog_ids, have, assume_unique=True)
-    vectors.remove(extra)
+    index.remove(extra)
     if len(missing):
-        vectors.add(missing, fetch(missing.tolist()))
+        index.add(missing, fetch(missing.tolist()))
     return ReconcileReport(added=len(missing), removed=len(extra))

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrieval.index import ImageIndex, stamp_is_ancestor, stamp_is_current
-from retrieval.storage.catalog import NORM_TOLERANCE
-from retrieval.storage.faiss_index import VECTORS_NAME, VectorIndex
+from .catalog import NORM_TOLERANCE
+from .faiss_index import FAISS_FILE, FaissIndex
+from .vector_store import VectorStore, stamp_is_ancestor, stamp_is_current
+from .writer import IndexWriter
 
 
 @dataclass
@@ -29,18 +30,18 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_index(index: ImageIndex, *, repair: bool = False, check_files: bool = True) -> VerifyReport:
+def verify_index(store: VectorStore, *, repair: bool = False, check_files: bool = True) -> VerifyReport:
     report = VerifyReport()
-    catalog = index.catalog
-    if index.signature is None:
+    catalog = store.catalog
+    if catalog.active_model() is None:
         if catalog.count():
             report.problems.append("images are indexed but the model record is missing")
         return report
-    dim = index.dim
+    dim = store.dim
     bad_ids: list[int] = []
     good_ids: list[np.ndarray] = []
     good_vecs: list[np.ndarray] = []
-    for ids, blobs in catalog.iter_vectors():
+    for ids, blobs in catalog.iter_embedding_blobs():
         for row_id, blob in zip(ids.tolist(), blobs):
             vec = np.frombuffer(blob, dtype=np.float32) if len(blob) == dim * 4 else None
             if (
@@ -70,14 +71,14 @@ def verify_index(index: ImageIndex, *, repair: bool = False, check_files: bool =
         report.images += len(unsearchable)
 
     catalog_ids = np.asarray(good_ids, dtype=np.int64)
-    stored = VectorIndex.load(index.directory / VECTORS_NAME, dim)
+    stored = FaissIndex.load(store.path, dim)
     state = catalog.state()
     faiss_ok = False
     if stored is None:
         if report.images:
-            report.problems.append(f"{VECTORS_NAME} is missing or unreadable")
+            report.problems.append(f"{FAISS_FILE} is missing or unreadable")
     elif not (stamp_is_current(stored.stamp, state) or stamp_is_ancestor(stored.stamp, state, catalog)):
-        report.problems.append(f"{VECTORS_NAME} does not belong to this catalog or its model (never used)")
+        report.problems.append(f"{FAISS_FILE} does not belong to this catalog or its model (never used)")
     else:
         faiss_ids = stored.ids()
         extra = np.setdiff1d(faiss_ids, catalog_ids)
@@ -91,7 +92,7 @@ def verify_index(index: ImageIndex, *, repair: bool = False, check_files: bool =
             )
         else:
             order = np.argsort(faiss_ids)
-            faiss_vecs = stored.vectors()[order]
+            faiss_vecs = stored.reconstruct_all()[order]
             mine = np.stack(good_vecs)[np.argsort(catalog_ids)] if good_vecs else faiss_vecs
             if len(mine) and float(np.max(np.abs(faiss_vecs - mine))) > 1e-6:
                 report.problems.append("FAISS vectors differ from the catalog's")
@@ -104,19 +105,16 @@ def verify_index(index: ImageIndex, *, repair: bool = False, check_files: bool =
                 report.missing_files.append(record.path)
 
     if repair and report.problems:
-        with index.writer() as writer:
+        with IndexWriter(store) as writer:
             if bad_ids or unsearchable:
                 catalog.commit_changes(removed=bad_ids + unsearchable)
                 report.repaired.append(
                     f"dropped {len(bad_ids) + len(unsearchable)} rows without a well-formed vector "
                     "(the next index run embeds them again)"
                 )
-            if not faiss_ok:
-                rebuilt = VectorIndex.empty(dim)
-                if good_vecs:
-                    rebuilt.add(catalog_ids, np.stack(good_vecs))
-                index._vectors = rebuilt
+            if not faiss_ok or bad_ids or unsearchable:
+                rebuilt = store.rebuild()
                 writer.save()
-                report.repaired.append(f"rebuilt {VECTORS_NAME} from the catalog ({rebuilt.ntotal} vectors)")
+                report.repaired.append(f"rebuilt {FAISS_FILE} from the catalog ({rebuilt.ntotal} vectors)")
         report.problems.clear()
     return report

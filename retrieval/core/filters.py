@@ -1,9 +1,8 @@
-"""Exact search filters: the catalog rows that match, as FAISS `allowed_ids`.
+"""Exact search filters as values: which images a search may return.
 
-A filter is applied inside the search (an ID selector), never to a top-k afterwards, so `-k 10`
-returns 10 hits whenever 10 images match. Folder, date, type and size conditions are SQL; globs
-are matched on the paths in Python (fnmatch); tags come from the table `clipdex classify --store`
-fills.
+The catalog compiles them (storage.catalog.Catalog.select_ids) into the ids a search passes to
+FAISS as `allowed_ids`: a filter is applied inside the search, never to a top-k afterwards, so
+`-k 10` returns 10 hits whenever 10 images match.
 """
 
 from __future__ import annotations
@@ -13,17 +12,8 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
-
-import numpy as np
-from sqlalchemy import LargeBinary, and_, func, literal, or_, select
 
 from retrieval.core.errors import ClipdexError
-from retrieval.storage.catalog import ImageRow
-
-if TYPE_CHECKING:
-    from retrieval.index import ImageIndex
-    from retrieval.storage.catalog import Catalog
 
 # User spellings of a type -> the Pillow format names the catalog holds.
 _FORMAT_ALIASES = {
@@ -105,7 +95,7 @@ def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _folder_prefixes(folders: Sequence[str]) -> list[bytes]:
+def folder_prefixes(folders: Sequence[str]) -> list[bytes]:
     """Each folder as stored paths begin: absolute, and also through its symlinks resolved."""
     out: list[bytes] = []
     for folder in folders:
@@ -120,41 +110,3 @@ def _folder_prefixes(folders: Sequence[str]) -> list[bytes]:
 def glob_matches(pattern: str, path: str) -> bool:
     target = path if "/" in pattern else os.path.basename(path)
     return fnmatch.fnmatchcase(target, pattern)
-
-
-def select_ids(index: ImageIndex | Catalog, filters: Filters) -> np.ndarray:
-    """Sorted ids of the catalog rows that meet `filters`."""
-    catalog = getattr(index, "catalog", index)
-    conditions = []
-    if filters.folders:
-        conds = []
-        for prefix in _folder_prefixes(filters.folders):
-            # SQLite's substr() counts bytes on a BLOB: a byte-exact prefix test.
-            conds.append(func.substr(ImageRow.path, 1, len(prefix)) == literal(prefix, LargeBinary))
-        conditions.append(or_(*conds))
-    if filters.after is not None or filters.before is not None:
-        taken = func.coalesce(ImageRow.taken_at, ImageRow.mtime_ns / 1e9)
-        if filters.after is not None:
-            conditions.append(taken >= float(filters.after))
-        if filters.before is not None:
-            conditions.append(taken < float(filters.before))
-    if filters.formats:
-        conditions.append(func.upper(ImageRow.format).in_([f.upper() for f in filters.formats]))
-    if filters.min_width is not None:
-        conditions.append(ImageRow.width >= int(filters.min_width))
-    if filters.min_height is not None:
-        conditions.append(ImageRow.height >= int(filters.min_height))
-    columns = [ImageRow.id, ImageRow.path] if filters.globs else [ImageRow.id]
-    stmt = select(*columns)
-    if conditions:
-        stmt = stmt.where(and_(*conditions))
-    with catalog.engine.connect() as conn:
-        rows = conn.execute(stmt.order_by(ImageRow.id)).all()
-    if filters.globs:
-        ids = [r[0] for r in rows if any(glob_matches(g, r[1]) for g in filters.globs)]
-    else:
-        ids = [r[0] for r in rows]
-    out = np.asarray(ids, dtype=np.int64)
-    if filters.tags:
-        out = np.intersect1d(out, catalog.tagged_ids(filters.tags), assume_unique=True)
-    return out

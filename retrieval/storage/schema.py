@@ -1,0 +1,203 @@
+"""The catalog's tables (SQLAlchemy 2.x models) and how a catalog file is made or upgraded.
+
+`images` holds one row per image; `vectors` one float32 unit vector per (image, model), narrow
+rows apart from the metadata; `models` the active model and at most one pending (a reindex being
+built); `tags` zero-shot labels; `commits` the history (a generation and a random nonce per
+write that changes what a search sees); `failures` files that could not be indexed; `meta` the
+schema version and the index identity. Vectors and tags cascade with their image row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+import uuid
+
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    delete,
+    insert,
+    select,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+SCHEMA_VERSION = 2
+ACTIVE, PENDING = "active", "pending"
+
+
+class FsPath(TypeDecorator[str]):
+    """A filesystem path stored as its exact bytes, so names that are not valid UTF-8 survive."""
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: object) -> bytes | None:
+        return None if value is None else os.fsencode(value)
+
+    def process_result_value(self, value: bytes | None, dialect: object) -> str | None:
+        return None if value is None else os.fsdecode(value)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(FsPath, unique=True)
+    size: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(String(16))
+    taken_at: Mapped[float | None] = mapped_column(Float)  # EXIF DateTimeOriginal as unix time
+    indexed_at: Mapped[float] = mapped_column(Float)
+
+
+class ModelRow(Base):
+    """A model whose vectors the catalog holds: the active one, and at most one pending
+    (being built by a reindex)."""
+
+    __tablename__ = "models"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    signature: Mapped[str] = mapped_column(Text)  # JSON of retrieval.embedding.clip_model.ModelSignature
+    state: Mapped[str] = mapped_column(String(8), index=True)  # ACTIVE or PENDING
+
+
+class VectorRow(Base):
+    """One float32 unit vector per (image, model): narrow rows, apart from the metadata."""
+
+    __tablename__ = "vectors"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class TagRow(Base):
+    """Zero-shot labels stored by `classify --store`; they go with their image."""
+
+    __tablename__ = "tags"
+    __table_args__ = (Index("ix_tags_by_label", "label"),)
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    label: Mapped[str] = mapped_column(Text, primary_key=True)
+    probability: Mapped[float] = mapped_column(Float)
+
+
+class CommitRow(Base):
+    """The catalog's history: one row per write that changes what a search sees."""
+
+    __tablename__ = "commits"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(32))
+    at: Mapped[float] = mapped_column(Float)
+
+
+class FailureRow(Base):
+    """A file that could not be indexed, as it was then: an unchanged file is not tried again
+    on every run (a library with broken files would otherwise pay for them each time)."""
+
+    __tablename__ = "failures"
+
+    path: Mapped[str] = mapped_column(FsPath, primary_key=True)
+    size: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class MetaRow(Base):
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+def insert_model(conn: Connection, signature: dict, state: str) -> int:
+    return conn.execute(
+        insert(ModelRow)
+        .values(signature=json.dumps(signature, sort_keys=True), state=state)
+        .returning(ModelRow.id)
+    ).scalar_one()
+
+
+def record_commit(conn: Connection) -> None:
+    conn.execute(insert(CommitRow).values(nonce=secrets.token_hex(8), at=time.time()))
+
+
+def set_meta(conn: Connection, key: str, value: str) -> None:
+    conn.execute(delete(MetaRow).where(MetaRow.key == key))
+    conn.execute(insert(MetaRow).values(key=key, value=value))
+
+
+def read_schema_version(conn: Connection) -> str | None:
+    has_meta = conn.exec_driver_sql(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).first()
+    if has_meta is None:
+        return None
+    return conn.execute(select(MetaRow.value).where(MetaRow.key == "schema_version")).scalar_one_or_none()
+
+
+def _table_exists(conn: Connection, name: str) -> bool:
+    found = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    return found.first() is not None
+
+
+def create_or_upgrade(conn: Connection) -> None:
+    """Inside one write transaction: make a new catalog, add tables a later clipdex introduced,
+    or upgrade a schema-1 catalog (clipdex 0.1) to this schema."""
+    version = read_schema_version(conn)
+    old = int(version) if version is not None else None
+    if old == 1 and _table_exists(conn, "tags"):
+        # 0.1's tags had no foreign key: set them aside and copy the live ones below.
+        conn.exec_driver_sql("DROP INDEX IF EXISTS ix_tags_label")
+        conn.exec_driver_sql("ALTER TABLE tags RENAME TO tags_v1")
+    Base.metadata.create_all(conn)
+    if old is None:
+        set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+        set_meta(conn, "created_at", str(time.time()))
+        set_meta(conn, "index_id", uuid.uuid4().hex)
+        record_commit(conn)
+    elif old == 1:
+        _upgrade_from_1(conn)
+
+
+def _upgrade_from_1(conn: Connection) -> None:
+    sql = conn.exec_driver_sql
+    signature = sql("SELECT signature FROM model WHERE id = 1").scalar_one_or_none()
+    if signature is not None:
+        model_id = insert_model(conn, json.loads(signature), ACTIVE)
+        sql(
+            "INSERT INTO vectors (image_id, model_id, vector) SELECT id, ?, vector FROM images",
+            (model_id,),
+        )
+    sql("ALTER TABLE images DROP COLUMN vector")
+    if _table_exists(conn, "tags_v1"):
+        sql(
+            "INSERT INTO tags (image_id, label, probability) SELECT t.image_id, t.label, t.probability "
+            "FROM tags_v1 t JOIN images i ON i.id = t.image_id"
+        )
+        sql("DROP TABLE tags_v1")
+    sql("DROP TABLE model")
+    set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+    set_meta(conn, "index_id", uuid.uuid4().hex)
+    record_commit(conn)

@@ -1,0 +1,157 @@
+"""IndexWriter: the one process allowed to change an index, while it holds the writer lock.
+
+Each commit is one catalog transaction (rows and their embeddings together), then the same
+change in the FAISS index in memory, saved at checkpoints. During a reindex the embeddings go
+to a pending model built beside the active one: searches keep using the active model until
+`finish_reindex` swaps them in one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from retrieval.core.errors import ClipdexError
+
+from .faiss_index import ReconcileReport
+from .lock import WriterLock
+from .records import FailureRecord, Move, NewImage
+from .vector_store import VectorStore
+
+SignatureMatch = Callable[[dict, dict], bool]  # same model? (two recorded signatures)
+
+
+class IndexWriter:
+    def __init__(self, store: VectorStore, checkpoint_seconds: float = 60.0):
+        self.store = store
+        self.catalog = store.catalog
+        self.lock = WriterLock(store.directory)
+        self.checkpoint_seconds = checkpoint_seconds
+        self._last_save = time.monotonic()
+        self._dirty = False
+        self._pending: int | None = None  # the model id a reindex embeds into
+
+    def __enter__(self) -> IndexWriter:
+        self.lock.acquire()
+        self._remove_orphans()
+        return self
+
+    def _remove_orphans(self) -> None:
+        """Temporary files of a writer killed before its rename: whole copies of the index.
+        Only the lock holder may remove them (a live writer's are its own)."""
+        for tmp in self.store.directory.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._dirty:
+                self.save()
+        finally:
+            self.lock.release()
+
+    def bind_signature(self, signature: dict) -> None:
+        """An empty index records the model it is built with (a filled one keeps its own: the
+        caller checks that they match)."""
+        if self.catalog.active_model() is None:
+            self.catalog.set_model_signature(signature)
+            self.store.reset()
+
+    # -- reindex: new embeddings built beside the searchable ones -------------------------------
+    def begin_reindex(
+        self, signature: dict, same_model: SignatureMatch, carry_over: Sequence[int] = ()
+    ) -> None:
+        """Embed into a pending model from now on, resuming an interrupted reindex to the same
+        model. `carry_over`: images this run will not embed again; when the model does not
+        change their embeddings are copied (with another model they cannot be: the caller
+        refuses)."""
+        active = self.catalog.active_model()
+        if active is None:
+            self.bind_signature(signature)
+            return
+        pending = self.catalog.pending_model()
+        if pending is not None and same_model(pending.signature, signature):
+            target = pending.id
+        else:
+            target = self.catalog.begin_pending(signature)
+        if len(carry_over) and same_model(active.signature, signature):
+            done = set(self.catalog.ids(target).tolist())
+            self.catalog.copy_embeddings(active.id, target, [i for i in carry_over if i not in done])
+        self._pending = target
+
+    @property
+    def reindexing(self) -> bool:
+        return self._pending is not None
+
+    def reindexed_ids(self) -> set[int]:
+        """Images that already have an embedding of the pending model (an interrupted run's)."""
+        return set() if self._pending is None else set(self.catalog.ids(self._pending).tolist())
+
+    def finish_reindex(self) -> dict | None:
+        """Swap the pending model in if every image has its embedding, and return the signature
+        it replaced; None (nothing changed, the next run resumes) while some have none."""
+        if self._pending is None:
+            raise ClipdexError("no reindex in progress")
+        if len(self.catalog.ids_without_vector(self._pending)):
+            return None
+        old = self.catalog.model_signature()
+        self.catalog.promote_pending()
+        self._pending = None
+        self.store.reset()
+        self.save()  # a fresh FAISS file for the new model, built from the catalog
+        return old
+
+    # -- commits ----------------------------------------------------------------------------------
+    def reconcile(self) -> ReconcileReport:
+        """Bring the FAISS file in line with the catalog (after a crash), saving it if needed."""
+        report = self.store.load()
+        if self.store.needs_saving():
+            self.save()
+        return report
+
+    def commit(
+        self,
+        added: Sequence[NewImage] = (),
+        moved: Sequence[Move] = (),
+        removed: Sequence[int] = (),
+        touched: Sequence[Move] = (),
+        failed: Sequence[FailureRecord] = (),
+        forget_failures: Sequence[str] = (),
+        revectored: Sequence[tuple[int, np.ndarray]] = (),
+    ) -> list[int]:
+        """One transaction in the catalog, then the same change in FAISS (in memory).
+
+        `revectored` ((image id, embedding)) only during a reindex: known images embedded again."""
+        if revectored and self._pending is None:
+            raise ClipdexError("re-embedded images need a reindex in progress")
+        # Load FAISS *before* committing: loading reconciles with the catalog, and would
+        # otherwise add the rows of this very commit a second time below.
+        faiss = self.store.faiss if self.catalog.active_model() is not None else None
+        new_ids = self.catalog.commit_changes(
+            added=added,
+            moved=moved,
+            removed=removed,
+            touched=touched,
+            failed=failed,
+            forget_failures=forget_failures,
+            revectored=revectored,
+            model_id=self._pending,
+        )
+        if faiss is not None:
+            faiss.remove(np.asarray(removed, dtype=np.int64))
+            if added and self._pending is None:
+                faiss.add(np.asarray(new_ids, dtype=np.int64), np.stack([a.vector for a in added]))
+        if added or removed:
+            self._dirty = True
+        if self._dirty and time.monotonic() - self._last_save >= self.checkpoint_seconds:
+            self.save()
+        return new_ids
+
+    def save(self) -> None:
+        if self.catalog.active_model() is not None:
+            self.store.save()
+        self._last_save = time.monotonic()
+        self._dirty = False
