@@ -637,5 +637,28 @@ def run() -> None:
         sys.exit(130)
 
 
+@app.command()
+def serve(
+    index_dir: IndexOpt = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; one that is not loopback needs --token.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="CLIPDEX_TOKEN",
+            help="Require 'Authorization: Bearer TOKEN' on every request (a browser opens /?token=TOKEN "
+            "once).",
+        ),
+    ] = None,
+) -> None:
+    """Serve the index over HTTP: a web page, a JSON API (/docs) and RemoteIndex's endpoint."""
+    from server.app import run as run_server
+
+    run_server(index_dir, host=host, port=port, token=token)
+
+
 if __name__ == "__main__":
     run()

@@ -218,10 +218,32 @@ class ImageIndex:
         is False."""
         if isinstance(query, str):
             query = Query.parse(query)
-        vector = self.embed_query(query)
         exclude = self._indexed_ids(query.image_paths()) if exclude_self else []
+        return self.rank(
+            self.embed_query(query),
+            k,
+            filters=filters,
+            min_score=min_score,
+            within=within,
+            offset=offset,
+            exclude_ids=exclude,
+        )
+
+    def rank(
+        self,
+        vector: np.ndarray,
+        k: int = 10,
+        *,
+        filters: Filters | None = None,
+        min_score: float | None = None,
+        within: float | None = None,
+        offset: int = 0,
+        exclude_ids: Sequence[int] = (),
+    ) -> list[Hit]:
+        """One page of the ranking for a query vector: exact `filters`, score cut-offs, paging,
+        and the images `exclude_ids` left out."""
         allowed = self.select_ids(filters) if filters is not None and not filters.empty else None
-        cutoffs = Cutoffs(min_score=min_score, within=within, offset=offset, exclude_ids=tuple(exclude))
+        cutoffs = Cutoffs(min_score=min_score, within=within, offset=offset, exclude_ids=tuple(exclude_ids))
         return search_page(self.store, vector, k, allowed_ids=allowed, cutoffs=cutoffs)
 
     def _indexed_ids(self, paths: Sequence[str | os.PathLike[str]]) -> list[int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("retrieval", "indexer", "cli")
+PACKAGES = ("retrieval", "indexer", "cli", "server")
 
 
 def import_cycles() -> list[list[str]]:

@@ -326,6 +326,14 @@ class Catalog:
                     out[row[0]] = ImageRecord(*row)
         return out
 
+    def ids_with_content_hash(self, digest: str) -> list[int]:
+        """Ids of the images whose file bytes hash to `digest` (sha256 hex); an indexed column."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(ImageRow.id).where(ImageRow.content_hash == digest).order_by(ImageRow.id)
+            )
+            return [int(r[0]) for r in rows]
+
     def record_by_path(self, path: str) -> ImageRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(*_RECORD_COLUMNS).where(ImageRow.path == path)).first()

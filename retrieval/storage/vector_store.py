@@ -54,6 +54,8 @@ class VectorStore:
 
     @property
     def dim(self) -> int:
+        if self._faiss is not None:  # the loaded index knows (a search need not read the catalog)
+            return self._faiss.dim
         signature = self.catalog.model_signature()
         if signature is None:
             raise ClipdexError(f"index {self.directory} is empty: index a folder first")

@@ -1,0 +1,232 @@
+"""What a search request asks for, read from a query string or a JSON body.
+
+Over HTTP a query term is a text, an indexed image named by catalog id, or an uploaded image:
+never a path on the server. So the compact form (`"2:golden retriever" + beach - people`) is read
+here with the same rules as `Query.parse` (terms split on ` + ` / ` - ` outside double quotes,
+a `W:` weight prefix, quotes around a term dropped), except that every term is a text: the
+server never looks whether a term names one of its own files.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from retrieval import ClipdexError
+from retrieval.core.filters import Filters, parse_date, parse_formats
+
+from .errors import PayloadTooLargeError
+
+MAX_K = 10_000
+MAX_OFFSET = 1_000_000
+MAX_UPLOAD = 20 << 20  # bytes of one uploaded image
+MAX_BODY = MAX_UPLOAD * 4 // 3 + (1 << 20)  # one such image in base64 inside a JSON body, and slack
+MAX_TERMS = 32
+
+# The same weight prefix as Query.parse: not when a digit follows the colon ("12:30 sunset").
+_WEIGHT = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*:(?!\d)(.*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    kind: Literal["text", "id", "upload"]
+    value: str | int | bytes
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    terms: tuple[TermSpec, ...]
+    ensemble: bool = False
+    templates: tuple[str, ...] | None = None
+    filters: Filters = field(default_factory=Filters)
+    k: int = 10
+    offset: int = 0
+    min_score: float | None = None
+    within: float | None = None
+    include_self: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.terms:
+            raise ClipdexError("nothing to search for: give q, text, like or an image")
+        if len(self.terms) > MAX_TERMS:
+            raise ClipdexError(f"at most {MAX_TERMS} query terms")
+
+
+# -- the compact form, texts only ----------------------------------------------------------------
+def compact_terms(text: str) -> list[TermSpec]:
+    parts = _split(text, quotes=True)
+    if parts is None:  # an unbalanced quote (`a 12" record`) is an ordinary character
+        parts = _split(text, quotes=False)
+    assert parts is not None
+    out = []
+    for sign, body in parts:
+        if not body.strip():
+            raise ClipdexError(f"empty term in query {text!r}")
+        out.append(_term(body.strip(), sign))
+    return out
+
+
+def _term(text: str, sign: float) -> TermSpec:
+    weight = 1.0
+    body = _unquote(text.strip())
+    match = _WEIGHT.match(body)
+    if match:
+        weight = float(match.group(1))
+        body = _unquote(match.group(2).strip())
+    if not body.strip():
+        raise ClipdexError(f"empty query term in {text!r}")
+    return TermSpec("text", body, sign * weight)
+
+
+def _split(text: str, quotes: bool) -> list[tuple[float, str]] | None:
+    stripped = text.strip()
+    parts: list[tuple[float, str]] = []
+    sign, start, quoted = 1.0, 0, False
+    n = len(stripped)
+    for i, ch in enumerate(stripped):
+        if ch == '"' and quotes:
+            quoted = not quoted
+        elif (
+            not quoted
+            and ch in "+-"
+            and (i == 0 or stripped[i - 1].isspace())
+            and (i == n - 1 or stripped[i + 1].isspace())
+        ):
+            if i > 0:
+                parts.append((sign, stripped[start:i]))
+            sign, start = (1.0 if ch == "+" else -1.0), i + 1
+    if quoted:
+        return None
+    parts.append((sign, stripped[start:]))
+    return parts
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1]:
+        return text[1:-1]
+    return text
+
+
+def id_term(text: str, sign: float = 1.0) -> TermSpec:
+    """`17` or `0.5:17`: an indexed image by catalog id, with an optional weight."""
+    weight, _, body = text.strip().rpartition(":")
+    try:
+        image_id = int(body)
+        w = float(weight) if weight else 1.0
+    except ValueError:
+        raise ClipdexError(f"like/unlike: {text!r} is not an image id (ID or WEIGHT:ID)") from None
+    return TermSpec("id", image_id, sign * w)
+
+
+# -- filters ---------------------------------------------------------------------------------------
+def make_filters(
+    folders: list[str] | None = None,
+    globs: list[str] | None = None,
+    after: str | float | None = None,
+    before: str | float | None = None,
+    types: str | list[str] | None = None,
+    min_width: int | None = None,
+    min_height: int | None = None,
+    tags: list[str] | None = None,
+) -> Filters:
+    """The CLI's filters (cli/main.py `_filters`), from request fields; blank fields do not filter."""
+    type_list = [t for t in ([types] if isinstance(types, str) else types or []) if t.strip()]
+    return Filters(
+        folders=tuple(f for f in folders or () if f.strip()),
+        globs=tuple(g for g in globs or () if g.strip()),
+        after=_date(after, "after"),
+        before=_date(before, "before"),
+        formats=parse_formats(type_list) if type_list else (),
+        min_width=min_width,
+        min_height=min_height,
+        tags=tuple(t for t in tags or () if t.strip()),
+    )
+
+
+def _date(value: str | float | None, name: str) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return float(value) if isinstance(value, (int, float)) else parse_date(value, name)
+
+
+# -- the JSON body -----------------------------------------------------------------------------------
+class TermBody(BaseModel):
+    """One term: exactly one of `text`, `id` (an indexed image) or `image` (base64 file bytes)."""
+
+    text: str | None = None
+    id: int | None = None
+    image: str | None = None
+    weight: float = 1.0
+
+
+class FiltersBody(BaseModel):
+    folders: list[str] = []
+    globs: list[str] = []
+    after: float | str | None = Field(None, description="unix time, or YYYY-MM-DD[THH:MM] local time")
+    before: float | str | None = Field(None, description="exclusive; like after")
+    formats: list[str] = Field([], description="jpeg, png, ... or Pillow format names")
+    min_width: int | None = Field(None, ge=0)
+    min_height: int | None = Field(None, ge=0)
+    tags: list[str] = []
+
+
+class SearchBody(BaseModel):
+    q: str | None = Field(None, description="compact form: texts joined by ' + ' / ' - ', 'W:' weights")
+    terms: list[TermBody] = []
+    ensemble: bool = False
+    templates: list[str] | None = None
+    filters: FiltersBody | None = None
+    k: int = Field(10, ge=1, le=MAX_K)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
+    min_score: float | None = None
+    within: float | None = Field(None, ge=0)
+    include_self: bool = False
+
+    def spec(self) -> SearchSpec:
+        terms = compact_terms(self.q) if self.q and self.q.strip() else []
+        terms += [_body_term(n, t) for n, t in enumerate(self.terms)]
+        f = self.filters or FiltersBody()
+        filters = make_filters(
+            f.folders, f.globs, f.after, f.before, f.formats, f.min_width, f.min_height, f.tags
+        )
+        return SearchSpec(
+            tuple(terms),
+            ensemble=self.ensemble or self.templates is not None,
+            templates=None if self.templates is None else tuple(self.templates),
+            filters=filters,
+            k=self.k,
+            offset=self.offset,
+            min_score=self.min_score,
+            within=self.within,
+            include_self=self.include_self,
+        )
+
+
+def _body_term(n: int, term: TermBody) -> TermSpec:
+    given = [name for name in ("text", "id", "image") if getattr(term, name) is not None]
+    if len(given) != 1:
+        raise ClipdexError(f"terms[{n}]: give exactly one of text, id or image")
+    if term.text is not None:
+        return TermSpec("text", term.text, term.weight)
+    if term.id is not None:
+        return TermSpec("id", term.id, term.weight)
+    assert term.image is not None
+    try:
+        data = base64.b64decode(term.image, validate=True)
+    except (binascii.Error, ValueError):
+        raise ClipdexError(f"terms[{n}].image: not base64") from None
+    check_upload_size(data)
+    return TermSpec("upload", data, term.weight)
+
+
+def check_upload_size(data: bytes) -> None:
+    if not data:
+        raise ClipdexError("the uploaded image is empty")
+    if len(data) > MAX_UPLOAD:
+        raise PayloadTooLargeError(f"uploaded image over the {MAX_UPLOAD >> 20} MB limit")
