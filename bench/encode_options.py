@@ -10,6 +10,15 @@ float32 is checked against torch float32 embeddings of the same images: mean and
 Then the cost of decoding (full decode vs reduced-scale JPEG "draft" decoding) and whether a
 decoding thread slows inference down when both share the CPU.
 
+    .venv/bin/python bench/encode_options.py --suite precision --model ViT-B-32-256 \
+        --pretrained CHECKPOINT --limit 200 [--batches 8,16,32] [--options ORT,OpenVINO]
+
+The precision suite (issue 10) only: ONNX Runtime float32 (the CPU default without native bf16),
+torch float32 / bf16 autocast / bf16 weights, ONNX Runtime dynamic int8 (MLP MatMuls only, and
+all weight MatMuls: what --precision int8 runs), OpenVINO float32 and bf16 (what the openvino
+backend runs) and, with nncf importable, OpenVINO static int8 calibrated on --calib other photos.
+Fidelity on all images, then every (option, batch) timed round-robin.
+
 Throughput is images/s of the median full batch (a batch slowed by another process then moves
 the median little); `cpu ms/img` is this process's CPU time per image; `others` is the share of
 the machine's CPUs that OTHER processes used meanwhile: on a shared machine a high value means
@@ -23,6 +32,7 @@ relying on one of those.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -48,6 +58,7 @@ sys.path.insert(0, str(ROOT))  # runnable as a plain script from any directory
 from retrieval.core.images import load_image  # noqa: E402
 from retrieval.embedding.clip_model import ClipModel  # noqa: E402
 from retrieval.embedding.onnx_image_tower import OnnxImageEncoder, export_image_tower, session_options  # noqa: E402
+from retrieval.embedding.openvino_image_tower import OpenVinoImageEncoder  # noqa: E402
 from retrieval.embedding.spec import ModelSpec  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "imagenet-sample"
@@ -683,6 +694,170 @@ def model_options(
     return rows, ref
 
 
+# ---------------------------------------------------------------- precision suite (issue 10)
+#
+# Cheaper arithmetic on CPUs with native bfloat16 (avx512_bf16, AMX) and int8 (VNNI, AMX): which
+# options are faster than today's default (ONNX Runtime float32) and which keep the embeddings
+# faithful. Every option embeds the same images once at the middle batch size (fidelity), then all
+# (option, batch) pairs are timed round-robin, so that load from other users hits them alike.
+
+
+def ort_int8(fp32_path: Path, out: Path, scope: str) -> Path:
+    """Dynamic int8 (weights per output channel, activations quantised per batch at run time) of
+    the MatMuls with a weight: scope "mlp" quantises only the MLP layers (two thirds of the
+    arithmetic; the attention projections stay float32), "matmul" every weight MatMul."""
+    import shutil
+
+    from retrieval.embedding.int8 import quantize_image_tower
+
+    # The library's own quantisation (what --precision int8 runs), on a copy in the work folder.
+    src = out.with_name(f"fp32-for-{out.name}")
+    shutil.copyfile(fp32_path, src)
+    return quantize_image_tower(src, mlp_only=scope == "mlp")
+
+
+def nncf_encoder(model: Any, threads: int) -> Encoder:
+    """OpenVINO on the CPU running an NNCF-quantised openvino.Model; its remaining float ops run
+    in OpenVINO's default precision (bf16 where the CPU has AMX or avx512_bf16)."""
+    import openvino as ov
+
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+
+    def encode(pixels: np.ndarray) -> np.ndarray:
+        v = request.infer({0: np.ascontiguousarray(pixels, np.float32)})[0].astype(np.float32)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    return encode
+
+
+def nncf_int8(fp32_path: Path, calibration: np.ndarray) -> Any:
+    """Static int8 by NNCF (post-training, transformer preset), calibrated on images that are
+    not among the evaluated ones."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(fp32_path))
+    data = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+    return nncf.quantize(
+        model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration)
+    )
+
+
+def torch_bf16_weights_encoder(clip: ClipModel, threads: int) -> Encoder:
+    """The whole image tower converted to bfloat16 (no autocast): no per-op casts, half the
+    weight memory traffic."""
+    import copy
+
+    import torch
+
+    visual = copy.deepcopy(clip.model.visual).to(torch.bfloat16).eval()
+
+    def encode(pixels: np.ndarray) -> np.ndarray:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        with torch.inference_mode():
+            v = visual(torch.from_numpy(pixels).to(torch.bfloat16)).float().numpy()
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    return encode
+
+
+# Far slower than the others where measured (autocast's bf16 CPU kernels): not worth re-timing.
+SLOW = frozenset({"torch bf16 autocast (eager)"})
+
+
+def precision_factories(
+    args: argparse.Namespace, clip: ClipModel, onnx_path: Path, workdir: Path, calibration: np.ndarray
+) -> list[tuple[str, Callable[[], Encoder]]]:
+    """(name, make the encoder): made one at a time, so that a failing option is only skipped."""
+    t = args.threads
+    options: list[tuple[str, Callable[[], Encoder]]] = [
+        ("ORT fp32 (clipdex CPU default)", lambda: OnnxImageEncoder(
+            onnx_path, options=session_options(t, spinning=False)).encode),
+        ("torch fp32 (eager)", lambda: torch_encoder(clip, t)),
+        ("torch bf16 autocast (eager)", lambda: torch_encoder(clip, t, bf16=True)),
+        ("torch bf16 weights (eager)", lambda: torch_bf16_weights_encoder(clip, t)),
+        ("ORT int8 dyn, MLP MatMuls, per-channel", lambda: OnnxImageEncoder(
+            ort_int8(onnx_path, workdir / "int8-mlp.onnx", "mlp"),
+            options=session_options(t, spinning=False)).encode),
+        ("ORT int8 dyn, all weight MatMuls, per-ch", lambda: OnnxImageEncoder(
+            ort_int8(onnx_path, workdir / "int8-matmul.onnx", "matmul"),
+            options=session_options(t, spinning=False)).encode),
+    ]
+    if importlib.util.find_spec("openvino"):
+        options += [
+            # What the library's openvino backend runs
+            ("OpenVINO fp32", lambda: OpenVinoImageEncoder(onnx_path, "fp32", threads=t).encode),
+            ("OpenVINO bf16 hint", lambda: OpenVinoImageEncoder(onnx_path, "bf16", threads=t).encode),
+        ]
+        if importlib.util.find_spec("nncf") and len(calibration):
+            options.append(
+                ("OpenVINO int8 (NNCF static)", lambda: nncf_encoder(nncf_int8(onnx_path, calibration), t))
+            )
+    if args.options:  # a quicker repeat of some options only
+        wanted = [w.strip().lower() for w in args.options.split(",")]
+        # torch fp32 always: it is the reference
+        options = [
+            o for o in options if o[0].startswith("torch fp32") or any(w in o[0].lower() for w in wanted)
+        ]
+    return options
+
+
+def precision_options(
+    args: argparse.Namespace,
+    clip: ClipModel,
+    onnx_path: Path,
+    pixels: np.ndarray,
+    calibration: np.ndarray,
+    workdir: Path,
+    batches: Sequence[int],
+    mid: int,
+) -> list[Row]:
+    """Fidelity of every option against torch fp32 on all images at batch `mid`, then every
+    (option, batch) timed round-robin, `args.rounds` rounds of `args.round_images` images."""
+    others: list[Row] = []  # skipped options, and slow ones timed in their fidelity pass only
+    made: list[tuple[str, Encoder, np.ndarray]] = []
+    slow: list[tuple[str, np.ndarray, Timing]] = []
+    for name, make in precision_factories(args, clip, onnx_path, workdir, calibration):
+        k = min(args.bf16_limit, len(pixels)) if name in SLOW else len(pixels)
+        try:
+            t0 = time.perf_counter()
+            encode = make()
+            ready = time.perf_counter() - t0
+            wait_until_quiet(args.quiet_wait)
+            emb, timing = run_pass(encode, pixels[:k], mid)
+        except Exception as exc:  # one option that cannot run must not stop the others
+            others.append(Row(name, mid, args.threads, note=f"skipped: {str(exc).splitlines()[0][:100]}"))
+            print_progress(others[-1])
+            continue
+        if name in SLOW:
+            slow.append((name, emb, timing))
+        else:
+            made.append((name, encode, emb))
+        print(f"  {name}: made in {ready:.1f}s, {k} images embedded", flush=True)
+    ref = next(emb for name, _, emb in made if name.startswith("torch fp32"))
+    for name, emb, timing in slow:
+        fid = fidelity(emb, ref[: len(emb)])
+        others.append(Row(name, mid, args.threads, None, timing, fid, f"first {len(emb)} images"))
+    table = {
+        (name, b): Row(name, b, args.threads, encode, Timing(b), fidelity(emb, ref))
+        for name, encode, emb in made
+        for b in batches
+    }
+    for r in range(args.rounds):
+        for b in batches:
+            count = max(b, args.round_images // b * b)
+            for name, encode, _ in made:
+                wait_until_quiet(args.quiet_wait)
+                _, timing = run_pass(encode, pixels[:count], b)
+                row = table[(name, b)]
+                assert row.timing is not None
+                row.timing.samples.extend(timing.samples)
+        print(f"  round {r + 1}/{args.rounds} done", flush=True)
+    return [table[(name, b)] for name, _, _ in made for b in batches] + others
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -716,10 +891,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of JPEG photos")
     p.add_argument("--limit", type=int, default=256, help="images to use (first N by name)")
-    p.add_argument("--arch", default="ViT-B-32")
+    p.add_argument(
+        "--suite",
+        choices=("full", "precision"),
+        default="full",
+        help="full: every option, decoding, concurrency; precision: fp32 vs bf16, int8, OpenVINO only",
+    )
+    p.add_argument("--arch", "--model", dest="arch", default="ViT-B-32")
     p.add_argument("--pretrained", default="random", help="tag or checkpoint; 'random' is seeded")
     p.add_argument("--threads", type=int, default=2, help="threads for inference")
-    p.add_argument("--batches", default="16,32,64", help="batch sizes for torch and ORT fp32")
+    p.add_argument("--batches", help="batch sizes (default: 16,32,64; precision suite: 8,16,32)")
+    p.add_argument("--options", help="precision suite: only options whose names contain one of these (a,b)")
+    p.add_argument("--calib", type=int, default=64, help="NNCF calibration images (after the --limit ones)")
     p.add_argument("--bf16-limit", type=int, default=32, help="images for bf16 (slow without native bf16)")
     p.add_argument("--variant-limit", type=int, default=64, help="images for each ORT session-option variant")
     p.add_argument("--compile-timeout", type=float, default=900, help="seconds; 0 skips torch.compile")
@@ -738,11 +921,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    files = sorted(f for f in args.data.glob("*") if f.suffix.lower() in (".jpg", ".jpeg"))[: args.limit]
+    every = sorted(f for f in args.data.glob("*") if f.suffix.lower() in (".jpg", ".jpeg"))
+    files = every[: args.limit]
     if not files:
         print(f"no JPEG files in {args.data} (pass --data DIR)", file=sys.stderr)
         return 2
-    batches = [int(b) for b in args.batches.split(",")]
+    if args.suite == "precision":
+        return precision_main(args, files, every[args.limit : args.limit + args.calib])
+    batches = [int(b) for b in (args.batches or "16,32,64").split(",")]
     mid = 32 if 32 in batches else batches[0]
     torch.set_num_threads(args.threads)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
@@ -847,6 +1033,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         args.json.write_text(json.dumps(report, indent=1))
     return 0
+
+
+def precision_main(args: argparse.Namespace, files: Sequence[Path], calib_files: Sequence[Path]) -> int:
+    """--suite precision: the model alone in each precision / backend, fidelity vs torch fp32."""
+    import onnxruntime as ort
+    import torch
+
+    batches = [int(b) for b in (args.batches or "8,16,32").split(",")]
+    mid = 16 if 16 in batches else batches[0]
+    torch.set_num_threads(args.threads)
+    versions = [f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"]
+    versions.append(f"onnxruntime {ort.__version__}")
+    if importlib.util.find_spec("openvino"):
+        import openvino as ov
+
+        versions.append(f"openvino {ov.get_version()}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"machine: {_cpu_name()}, {NCPU} CPUs, flags: {' '.join(_cpu_flags()) or 'none of interest'}")
+    print(f"software: {', '.join(versions)}")
+    clip = ClipModel(ModelSpec(args.arch, args.pretrained, device="cpu", precision="fp32", backend="torch"))
+    with torch_threads(1), torch.inference_mode():
+        pixels = np.stack([clip.preprocess(load_image(f).image).numpy() for f in files])
+        calibration = np.stack([clip.preprocess(load_image(f).image).numpy() for f in calib_files]) if (
+            calib_files) else np.empty((0, *pixels.shape[1:]), np.float32)
+    print(f"data: {len(files)} images (+{len(calibration)} for calibration) from {args.data}; "
+          f"model {args.arch} / {args.pretrained}\n", flush=True)
+    with tempfile.TemporaryDirectory(prefix="clipdex-bench-") as tmp:
+        workdir = Path(tmp)
+        onnx_path = export_image_tower(clip.model, workdir / "vision.onnx", int(pixels.shape[-1]))
+        rows = precision_options(args, clip, onnx_path, pixels, calibration, workdir, batches, mid)
+    print(f"\n== Model alone, {args.threads} threads (images/s of the median full batch; preliminary) ==")
+    print(
+        f"fidelity vs torch fp32 on all {len(pixels)} images at batch {mid}: "
+        f"faithful = mean cos >= {MEAN_COS_REQUIRED}, min cos >= {MIN_COS_REQUIRED}"
+    )
+    print_rows(rows)
+    if args.json:
+        report = {"command": sys.argv, "machine": _cpu_name(), "flags": _cpu_flags(), "cpus": NCPU}
+        report["rows"] = [r.to_dict() for r in rows]
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU features that decide bf16 / int8 speed, as /proc/cpuinfo lists them."""
+    from retrieval.embedding.devices import cpu_flags
+
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
+    return [f for f in wanted if f in cpu_flags()]
 
 
 def print_progress(row: Row) -> None:

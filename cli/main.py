@@ -98,6 +98,15 @@ def index(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds before one file's decoding is given up.")
     ] = 60.0,
+    full_decode: Annotated[
+        bool,
+        typer.Option(
+            "--full-decode",
+            help="Decode every JPEG at full size. By default a photo much larger than the model's input "
+            "is decoded at a reduced scale (1/2 to 1/8, still at least twice the input): several times "
+            "faster, embeddings within cosine 0.999 of a full decode.",
+        ),
+    ] = False,
     exclude: Annotated[
         list[str] | None,
         typer.Option(
@@ -121,7 +130,7 @@ def index(
         batch_size=batch_size,
         decode_workers=workers,
         decode_timeout=timeout,
-        decode=DecodeOptions(max_pixels=max_pixels),
+        decode=DecodeOptions(max_pixels=max_pixels, full_decode=full_decode),
         reindex=reindex,
         excludes=tuple(exclude) if exclude is not None else None,
     )

@@ -25,6 +25,7 @@ class EmbedJob:
     info: FileInfo
     previous: ImageRecord | None = None  # the row this file's new vector replaces
     force: bool = False  # embed even if the bytes did not change (--reindex)
+    content_hash: str | None = None  # sha256 the plan already computed (a move candidate): not done twice
 
 
 @dataclass
@@ -102,6 +103,7 @@ def make_plan(
             vanished[record.size].append(record)
     for info in new_files:
         candidates = vanished.get(info.size) if not reindex else None
+        digest = None
         if candidates:
             try:
                 digest = hash_file(info.path)
@@ -112,7 +114,7 @@ def make_plan(
                 candidates.remove(match)
                 plan.moves.append(Move(match.id, info.path, info.size, info.mtime_ns))
                 continue
-        plan.jobs.append(EmbedJob(info))
+        plan.jobs.append(EmbedJob(info, content_hash=digest))
     plan.removed = sorted(r.id for rows in vanished.values() for r in rows)
     plan.forget_failures = [path for path in failures if gone(path)]
     return plan

@@ -9,12 +9,13 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from retrieval.core.errors import ClipdexError, IndexWriteError
 from retrieval.core.locations import resolve_index_dir
-from retrieval.embedding.clip_model import ClipModel
+from retrieval.embedding.image_models import IMAGE_MODEL_TYPES, ImageModel, load_image_model
 from retrieval.embedding.spec import ModelSignature, ModelSpec, check_spec_matches
 from retrieval.embedding.text_embedder import remove_text_tower, save_text_tower
 from retrieval.storage.catalog import open_catalog
@@ -22,7 +23,7 @@ from retrieval.storage.records import FailureRecord, Move, NewImage
 from retrieval.storage.vector_store import VectorStore
 from retrieval.storage.writer import IndexWriter
 
-from .decode import Decoded, DecodeFailure, DecodeOptions, SameContent, decode_job
+from .decode import Decoded, DecodeFailure, DecodeOptions, SameContent, decode_job, model_input_size
 from .ignore import remember_excludes
 from .model_choice import resolve_model_spec
 from .pipeline import DecodePool
@@ -73,14 +74,20 @@ Progress = Callable[[int, int], None]  # (files processed, files to process)
 
 
 def default_decode_workers() -> int:
-    # The model takes every core it is given; one or two decoders keep it fed (see README).
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+    """One decoder per core (up to 8): while the model waits for a batch every core decodes, and
+    while it runs the decoders soon block on the bounded queue, so a model-bound run loses
+    nothing. One decoder left a core idle on camera photos (~120% CPU of 200%; README)."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # the CPUs this process may use, as the model counts them
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(1, min(8, cores))
 
 
 def index_folders(
     roots: Iterable[str | os.PathLike[str]],
     index_dir: str | os.PathLike[str] | None = None,
-    model: ModelSpec | ClipModel | None = None,
+    model: ModelSpec | ImageModel | None = None,
     options: IndexOptions | None = None,
     *,
     progress: Progress | None = None,
@@ -95,7 +102,7 @@ def index_folders(
     started = time.monotonic()
     root_list = normalize_roots(roots)
     # No model named: the index's own (or the default for a new index), as on the command line.
-    spec = model.spec if isinstance(model, ClipModel) else (model or resolve_model_spec(index_dir))
+    spec = model.spec if isinstance(model, IMAGE_MODEL_TYPES) else (model or resolve_model_spec(index_dir))
     directory = _make_index_dir(index_dir)
     catalog = open_catalog(directory, create=True)
     summary = IndexSummary(model=f"{spec.arch_name()} / {spec.pretrained}")
@@ -106,9 +113,9 @@ def index_folders(
             check_spec_matches(recorded, spec, f"index {directory}")
         with IndexWriter(VectorStore(directory, catalog), opts.checkpoint_seconds) as writer:
             # The model costs seconds to load: a run with nothing to embed never loads it.
-            clip = model if isinstance(model, ClipModel) else None
+            clip = model if isinstance(model, IMAGE_MODEL_TYPES) else None
             if clip is None and (recorded is None or opts.reindex):
-                clip = ClipModel(spec)
+                clip = load_image_model(spec)  # torch-free when the model's exports are cached
             if clip is not None:
                 if opts.reindex:
                     _begin_reindex(writer, recorded, clip, root_list)
@@ -131,7 +138,7 @@ def index_folders(
             summary.moved, summary.removed = len(plan.moves), len(plan.removed)
             if plan.jobs:
                 if clip is None:
-                    clip = ClipModel(spec)
+                    clip = load_image_model(spec)
                     _bind(writer, recorded, clip)
                 clip.warm_up()
                 t0 = time.monotonic()
@@ -159,7 +166,7 @@ def _make_index_dir(index_dir: str | os.PathLike[str] | None) -> Path:
     return directory
 
 
-def _bind(writer: IndexWriter, recorded: ModelSignature | None, clip: ClipModel) -> None:
+def _bind(writer: IndexWriter, recorded: ModelSignature | None, clip: ImageModel) -> None:
     """Index with `clip`: recorded by an empty index, refused by one built with another model."""
     if recorded is not None:
         recorded.check_compatible(clip.signature, f"index {writer.store.directory}")
@@ -178,15 +185,13 @@ def _drop_derived_files(directory: Path, old: ModelSignature, new: ModelSignatur
 
 def _embed(
     writer,  # type: ignore[no-untyped-def]
-    clip: ClipModel,
+    clip: ImageModel,
     jobs: Sequence[EmbedJob],
     opts: IndexOptions,
     summary: IndexSummary,
     progress: Progress | None,
     stop: threading.Event | None,
 ) -> None:
-    import torch  # seconds to import: a run with nothing to embed never does
-
     total = len(jobs)
     handled = 0  # files back from the decoders, of every kind: the one counter progress shows
     batch: list[Decoded] = []
@@ -209,7 +214,7 @@ def _embed(
             revectored: list[tuple[int, np.ndarray]] = []
             if embedding:
                 t0 = time.perf_counter()
-                vectors = clip.encode_images(torch.stack([d.pixels for d in embedding]))
+                vectors = clip.encode_images(_stack([d.pixels for d in embedding]))
                 summary.model_seconds += time.perf_counter() - t0
                 for d, vec in zip(embedding, vectors):
                     if _reembeds_same_file(d.job) and d.content_hash == d.job.previous.content_hash:
@@ -248,12 +253,13 @@ def _embed(
             progress(handled - len(batch), total)  # files still waiting for the model are not done
 
     workers = opts.decode_workers or default_decode_workers()
+    decode_options = opts.decode.for_input_size(model_input_size(clip.preprocess_cfg))
     decode_time = [0.0]
 
     def timed_decode(job: EmbedJob) -> Decoded | SameContent | DecodeFailure:
         t0 = time.perf_counter()
         try:
-            return decode_job(job, clip.preprocess, opts.decode)
+            return decode_job(job, clip.preprocess, decode_options)
         finally:
             decode_time[0] += time.perf_counter() - t0  # float += under the GIL: good enough
 
@@ -303,6 +309,16 @@ def _embed(
         summary.decode_seconds = decode_time[0]
 
 
+def _stack(pixels: list[Any]) -> Any:
+    """One batch of preprocessed images: numpy from the lean model's preprocessing (no torch
+    import), torch tensors from open_clip's."""
+    if isinstance(pixels[0], np.ndarray):
+        return np.stack(pixels)
+    import torch  # only when the model's preprocessing made tensors: torch is loaded already
+
+    return torch.stack(pixels)
+
+
 def _reembeds_same_file(job: EmbedJob) -> bool:
     """A reindex job for a file whose size and mtime did not change since it was indexed."""
     prev = job.previous
@@ -310,7 +326,7 @@ def _reembeds_same_file(job: EmbedJob) -> bool:
 
 
 def _begin_reindex(
-    writer: IndexWriter, recorded: ModelSignature | None, clip: ClipModel, roots: list[str]
+    writer: IndexWriter, recorded: ModelSignature | None, clip: ImageModel, roots: list[str]
 ) -> None:
     """Embed everything under `roots` into a new set of vectors beside the searchable one.
     Another model cannot keep vectors of images this run does not reach: refused unless `roots`

@@ -447,15 +447,20 @@ def test_a_second_ctrl_c_stops_at_once_and_loses_nothing(tmp_path, tiny_clip_mod
             import torch
 
             from cli.main import run
+            from retrieval.embedding.onnx_image_model import OnnxImageModel
 
             torch.set_num_threads(1)
-            real_encode = ClipModel.encode_images
 
-            def slow_encode(self, pixels):  # type: ignore[no-untyped-def]
-                time.sleep(0.3)
-                return real_encode(self, pixels)
+            def slowed(real_encode):  # type: ignore[no-untyped-def]
+                def slow_encode(self, pixels):  # type: ignore[no-untyped-def]
+                    time.sleep(0.3)
+                    return real_encode(self, pixels)
 
-            ClipModel.encode_images = slow_encode
+                return slow_encode
+
+            # Whichever model the command picks: the lean one once the model's exports are cached.
+            for model_class in (ClipModel, OnnxImageModel):
+                model_class.encode_images = slowed(model_class.encode_images)
             sys.argv = argv
             run()
         except SystemExit as exc:

@@ -185,3 +185,50 @@ def test_extensions():
     assert {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"} <= set(BASE_EXTENSIONS)
     assert image_extensions() >= BASE_EXTENSIONS
     assert all(e == e.lower() and e.startswith(".") for e in image_extensions())
+
+
+def count_exif_parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per EXIF block parsed (Pillow's getexif caches per image; a turned copy parses again)."""
+    calls: list[int] = []
+    real = Image.Exif.load
+
+    def load(self, data):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(self, data)
+
+    monkeypatch.setattr(Image.Exif, "load", load)
+    return calls
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_is_parsed_once(tmp_path, monkeypatch, orientation):
+    p = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    make_scene(8, (120, 80)).save(p, "JPEG", exif=exif.tobytes())
+    data = p.read_bytes()
+    calls = count_exif_parses(monkeypatch)
+    load_image(data)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_as_exif_transpose_does(tmp_path, orientation):
+    from PIL import ImageOps
+
+    p = tmp_path / f"o{orientation}.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    quadrant_image(80, 48).save(p, "JPEG", quality=95, exif=exif.tobytes())
+    with Image.open(p) as raw:
+        expected = np.asarray(ImageOps.exif_transpose(raw).convert("RGB"))
+    loaded = load_image(p)
+    assert np.array_equal(np.asarray(loaded.image), expected)
+    assert (loaded.width, loaded.height) == loaded.image.size
+    # Turned once: what the result says of itself no longer asks for another turn.
+    assert loaded.image.getexif().get(0x0112, 1) == 1
+
+
+def test_an_upright_rgb_picture_is_not_copied():
+    img = make_scene(9, (120, 80))
+    assert load_image(img).image is img  # a 12 MP decode is 36 MB: no copy for nothing

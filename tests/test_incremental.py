@@ -322,11 +322,10 @@ def test_model_spec_run_without_changes_does_not_load_a_model(
     s = index_folders([folder], index_dir, model=spec)
     assert s.added == 2
 
-    class NoModel(indexer.sync.ClipModel):
-        def __init__(self, *a, **kw):
-            raise AssertionError("a model was loaded for a run with nothing to embed")
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded for a run with nothing to embed")
 
-    monkeypatch.setattr(indexer.sync, "ClipModel", NoModel)
+    monkeypatch.setattr(indexer.sync, "load_image_model", no_model)
     s = index_folders([folder], index_dir, model=spec)
     assert (s.unchanged, s.embedded) == (2, 0)
     assert_consistent(index_dir)

@@ -259,3 +259,34 @@ def test_writer_commit_without_reconcile_keeps_faiss_equal_to_catalog(index_dir,
     hits = top_hits(store, vecs[0], k=3)
     assert [h.id for h in hits][0] == ids[0] and len({h.id for h in hits}) == 3
     catalog.close()
+
+
+def test_one_query_scans_with_one_faiss_thread_and_leaves_the_callers_setting(tmp_path):
+    import faiss
+
+    vi = FaissIndex.empty(16)
+    vi.add(np.arange(50), unit_rows(50, dim=16))
+    seen: list[int] = []
+
+    class Spy:  # stands in for the FAISS index: records OpenMP's setting during the scan
+        def __init__(self, inner):  # type: ignore[no-untyped-def]
+            self.inner = inner
+
+        def search(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            seen.append(faiss.omp_get_max_threads())
+            return self.inner.search(*args, **kwargs)
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(self.inner, name)
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)
+    try:
+        vi.index = Spy(vi.index)
+        vi.search(unit_rows(1, dim=16), 5)
+        vi.search(unit_rows(1, dim=16), 5, allowed_ids=np.arange(10))
+        vi.search(unit_rows(32, dim=16), 5)  # a batch keeps every thread
+        assert seen == [1, 1, 3]
+        assert faiss.omp_get_max_threads() == 3
+    finally:
+        faiss.omp_set_num_threads(before)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageOps, features
+from PIL import Image, features
 
 from retrieval.core.errors import ImageLoadError
 
@@ -30,6 +30,15 @@ _EXIF_ORIENTATION = 0x0112
 _EXIF_DATETIME = 0x0132
 _EXIF_IFD = 0x8769
 _EXIF_DATETIME_ORIGINAL = 0x9003
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 @lru_cache(maxsize=1)
@@ -120,12 +129,27 @@ def _finish(img: Image.Image, max_pixels: int, draft_size: int | None) -> Loaded
         width, height = height, width
     taken_at = _taken_at(exif)
     if draft_size and fmt == "JPEG":
+        # A square request: draft keeps both sides >= draft_size, so the shortest side (what a
+        # resize to the model's input scales) is covered whichever way EXIF turns the picture.
         img.draft("RGB", (draft_size, draft_size))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img.load()  # raises OSError on truncated data
-    img = ImageOps.exif_transpose(img) or img
-    return LoadedImage(_to_rgb(img), width, height, fmt, taken_at)
+    return LoadedImage(_to_rgb(_upright(img, orientation)), width, height, fmt, taken_at)
+
+
+def _upright(img: Image.Image, orientation: int) -> Image.Image:
+    """Turn `img` by the EXIF orientation already read. ImageOps.exif_transpose would parse the
+    EXIF again, rewrite it, and copy the whole picture even when there is nothing to turn."""
+    method = _TRANSPOSE.get(orientation)
+    if method is None:
+        return img
+    turned = img.transpose(method)
+    # The copied metadata still says "turn me" (EXIF, or XMP, which getexif also reads): drop it,
+    # so nothing downstream turns the picture twice.
+    for key in ("exif", "xmp", "XML:com.adobe.xmp"):
+        turned.info.pop(key, None)
+    return turned
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -12,6 +12,7 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,13 +20,14 @@ import numpy as np
 from retrieval.core.errors import ModelLoadError
 
 from .devices import resolve_backend, resolve_device, resolve_precision
-from .onnx_image_tower import OnnxImageEncoder, export_image_tower, session_options
+from .image_towers import open_image_tower
+from .model_manifest import image_export_path, write_manifest
+from .onnx_image_tower import export_image_tower
 from .spec import (
     CONFIG_DIR,
     RANDOM,
     ModelSignature,
     ModelSpec,
-    cache_dir,
     check_arch,
     checkpoint_path,
     loadable_pretrained,
@@ -48,6 +50,7 @@ class ClipModel:
         self.arch = register_config(spec.arch)
         self.device = resolve_device(spec.device)
         self.precision = resolve_precision(spec.precision, self.device)
+        self.backend = resolve_backend(spec.backend, self.device, self.precision)
         self.model = _create(self.arch, spec)
         # Read before any half() so that the recorded values do not depend on the precision.
         self.logit_scale = float(self.model.logit_scale.detach().float().exp().item())
@@ -56,6 +59,9 @@ class ClipModel:
         self.model.eval().to(self.device)
         if self.precision == "fp16":
             self.model.half()
+        self._bf16_images = None  # a bfloat16 copy of the model for images on the CPU (see _bf16_copy)
+        if self.precision == "bf16" and self.backend == "torch" and not self.device.startswith("cuda"):
+            self._bf16_copy()
         cfg = dict(self.model.visual.preprocess_cfg)
         self.preprocess_cfg = {
             "size": list(cfg["size"]) if isinstance(cfg.get("size"), (list, tuple)) else cfg.get("size"),
@@ -78,8 +84,7 @@ class ClipModel:
         self.images_encoded = 0  # counted so tests can prove that skipped files were not embedded
         self.texts_encoded = 0
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
-        self.backend = resolve_backend(spec.backend, self.device, self.precision)
-        self._onnx_images = None  # OnnxImageEncoder, made on first use
+        self._onnx_images = None  # OnnxImageEncoder (or OpenVinoImageEncoder), made on first use
 
     def _probe_dim(self) -> int:
         return int(self.encode_texts(["x"]).shape[1])
@@ -97,10 +102,23 @@ class ClipModel:
             logit_bias=self.logit_bias,
         )
 
+    def _bf16_copy(self) -> None:
+        """bfloat16 images on the CPU from a converted copy of the model: torch's autocast measured
+        slower than float32 there, converted weights 2-3x faster (bench/encode_options.py --suite
+        precision). A copy, so that self.model stays float32: the ONNX exports cached for every
+        precision are made from it, and texts stay exact."""
+        import copy
+
+        import torch
+
+        self._bf16_images = copy.deepcopy(self.model).to(torch.bfloat16).eval()
+
     def _autocast(self):  # type: ignore[no-untyped-def]
         import torch
 
-        if self.precision == "bf16":
+        # Autocast on CUDA only: on the CPU bf16 images use the converted copy, and texts (few,
+        # and on ONNX Runtime at query time) stay float32 there.
+        if self.precision == "bf16" and self.backend == "torch" and self.device.startswith("cuda"):
             return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -111,7 +129,7 @@ class ClipModel:
         n = int(pixels.shape[0])
         if n == 0:
             return np.empty((0, self.dim), np.float32)
-        if self.backend == "onnx":
+        if self.backend in ("onnx", "openvino"):
             encoder = self._onnx_image_encoder()
             if encoder is not None:
                 self.images_encoded += n
@@ -128,7 +146,10 @@ class ClipModel:
                     x = x.pin_memory().to(self.device, non_blocking=True)
                 if self.precision == "fp16":
                     x = x.half()
-                feats = self.model.encode_image(x)
+                if self._bf16_images is not None:
+                    feats = self._bf16_images.encode_image(x.to(torch.bfloat16))
+                else:
+                    feats = self.model.encode_image(x)
         except torch.cuda.OutOfMemoryError:
             if n == 1:
                 raise
@@ -140,25 +161,45 @@ class ClipModel:
 
     def warm_up(self) -> None:
         """Do one-time work (the ONNX export, on first use of a model) before timing starts."""
-        if self.backend == "onnx":
+        if self.backend in ("onnx", "openvino"):
             self._onnx_image_encoder()
 
     def _onnx_image_encoder(self):  # type: ignore[no-untyped-def]
         """The exported image tower (once per model, in the user cache), or None if export
         fails: then torch does the work."""
         if self._onnx_images is None:
-            path = cache_dir() / "onnx" / f"image-{self.signature.key()}.onnx"
+            path = image_export_path(self.signature)
             try:
                 if not path.is_file():
                     size = self.preprocess_cfg["size"]
                     export_image_tower(self.model, path, size[0] if isinstance(size, list) else size)
-                # No spinning: idle ORT threads would otherwise busy-wait on the cores that
-                # the decoding threads need.
-                self._onnx_images = OnnxImageEncoder(path, options=session_options(spinning=False))
-            except Exception:
-                self.backend = "torch"
+                self._onnx_images = self._open_image_tower(path)
+            except Exception as exc:
+                if self.precision == "int8":  # torch has no int8 to fall back on
+                    raise ModelLoadError(f"cannot make the int8 image tower: {_first_line(exc)}") from None
+                self._fall_back_to_torch()
                 return None
+            self._save_manifest()
         return self._onnx_images
+
+    def _open_image_tower(self, path: Path):  # type: ignore[no-untyped-def]
+        """A session on the float32 export at `path` in this model's backend and precision."""
+        return open_image_tower(path, self.backend, self.precision)
+
+    def _fall_back_to_torch(self) -> None:
+        self.backend = "torch"
+        if self.precision == "bf16" and not self.device.startswith("cuda"):
+            self._bf16_copy()
+
+    def _save_manifest(self) -> None:
+        """Describe the cached export so that later runs can use it without torch (model_manifest).
+        Only for a square input: the export traces a square image (see _onnx_image_encoder)."""
+        size = self.preprocess_cfg["size"]
+        side = size if isinstance(size, int) else size[0]
+        if isinstance(size, list) and len(set(size)) != 1:
+            return
+        with contextlib.suppress(OSError, ModelLoadError):  # best effort: without it, runs start slower
+            write_manifest(self.spec, self.signature, dict(self.model.visual.preprocess_cfg), (side, side))
 
     def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
         import torch

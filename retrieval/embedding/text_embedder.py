@@ -3,7 +3,8 @@
 Text queries run without torch: the index keeps its model's text tower as ONNX.
 
 A cold `clipdex search` would spend most of its time importing torch and open_clip (seconds).
-When the indexer has the model loaded anyway, it exports the text tower next to the catalog;
+The indexer puts the model's text tower next to the catalog (exported once per model into the
+user cache, where ClipModel has it loaded anyway, and copied from there into each new index);
 queries then tokenize with embedding.tokenizer and run that graph with onnxruntime. The
 export is only made when our tokenizer gives the model's own tokens, and the file name carries the
 model's identity, so a stale graph is never used.
@@ -12,6 +13,8 @@ model's identity, so a stale graph is never used.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,11 +24,13 @@ import numpy as np
 
 from retrieval.core.errors import ClipdexError
 
+from .model_manifest import record_text_tower, text_export_path
 from .query_cache import QueryCache
 from .spec import ModelSignature
 
 if TYPE_CHECKING:
     from .clip_model import ClipModel
+    from .onnx_image_model import OnnxImageModel
 
 TextFn = Callable[[Sequence[str]], np.ndarray]
 _PROBES = ["a photo of a dog", "Ünïcode, PUNCTUATION & numbers 42!", "x " * 100]
@@ -91,31 +96,101 @@ class PrefetchedText:
         return self._result[1]
 
 
-def save_text_tower(index_dir: Path, clip: ClipModel) -> Path | None:
-    """Export `clip`'s text tower for fast queries; None when this model cannot use that path."""
-    path = onnx_text_path(index_dir, clip.signature)
+def save_text_tower(index_dir: Path, model: ClipModel | OnnxImageModel) -> Path | None:
+    """Put the model's text tower beside the index for fast cold queries; None when this model
+    cannot use that path. Exported once per model into the user cache (this needs ClipModel's
+    torch model), then copied from there into each new index, so that indexing a new folder with
+    a cached model needs no torch at all (an OnnxImageModel can only copy)."""
+    signature = model.signature
+    path = onnx_text_path(index_dir, signature)
+    cached = text_export_path(signature)
     if path.is_file():
+        if not cached.is_file():
+            _adopt(model, path, cached)
         return path
+    if not cached.is_file():
+        if not _writable(cached.parent):
+            return path if _export(model, path) else None  # as before the cache: into the index
+        if not _export(model, cached):
+            return None
+        record_text_tower(model.spec, signature, cached)
+    try:
+        _copy_text_tower(cached, path)
+    except OSError:
+        return None
+    return path
+
+
+def _export(model: ClipModel | OnnxImageModel, path: Path) -> bool:
+    """Export `model`'s text tower to `path`; False when it cannot be (no torch model at hand,
+    onnx missing, another tokenizer, the export failing). A tokenizer that is not ours is
+    recorded, so that later runs know this model has no torch-free text path to wait for."""
+    torch_model, tokenizer = getattr(model, "model", None), getattr(model, "tokenizer", None)
+    if torch_model is None or tokenizer is None:
+        return False
     try:
         import onnx  # noqa: F401  (torch.onnx.export needs it; optional: the fast path is skipped without)
 
         from .onnx_text_tower import export_text_tower
         from .tokenizer import default_tokenizer
     except ImportError:
-        return None
-    context_length = int(getattr(clip.model, "context_length", 77))
+        return False
+    context_length = int(getattr(torch_model, "context_length", 77))
     try:
-        theirs = clip.tokenizer(_PROBES).numpy()
+        theirs = tokenizer(_PROBES).numpy()
         mine = default_tokenizer()(_PROBES, context_length)
     except Exception:
-        return None
+        return False
     if theirs.shape != mine.shape or not np.array_equal(theirs, mine):
-        return None  # another tokenizer (SigLIP, HF): queries keep using the torch model
+        record_text_tower(model.spec, model.signature, None)
+        return False  # another tokenizer (SigLIP, HF): queries keep using the torch model
     try:
-        export_text_tower(clip.model, path, context_length)
+        export_text_tower(torch_model, path, context_length)
     except Exception:
-        return None  # the fast path is an optimisation; indexing must not fail for it
-    return path
+        return False  # the fast path is an optimisation; indexing must not fail for it
+    return True
+
+
+def _adopt(model: ClipModel | OnnxImageModel, path: Path, cached: Path) -> None:
+    """An index made before the cache held this model's text tower: its copy fills the cache,
+    so that later runs with this model can start without torch (best effort)."""
+    try:
+        _copy_text_tower(path, cached)
+    except OSError:
+        return
+    record_text_tower(model.spec, model.signature, cached)
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def _copy_text_tower(source: Path, target: Path) -> None:
+    """Copy an exported text tower: the weights files first, the graph last, each under a
+    temporary name and renamed, so that a reader never finds a graph without its weights. The
+    graph names its weights file, so both keep their names (hence the same file name in the
+    cache and in an index). A hard link where the file system allows: no second copy on disk."""
+    from .onnx_text_tower import weight_files
+
+    if source.name != target.name:
+        raise ValueError(f"a text tower keeps its file name: {source.name} != {target.name}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for file in [*weight_files(source), source]:
+        dest = target.parent / file.name
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        try:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(file, tmp)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(file, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def remove_text_tower(index_dir: Path, signature: ModelSignature) -> None:

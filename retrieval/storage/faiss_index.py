@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,14 +139,14 @@ class FaissIndex:
         k = max(1, min(k, self.ntotal)) if self.ntotal else 1
         if self.ntotal == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        if allowed_ids is None:
-            return self.index.search(q, k)
-        allowed = np.ascontiguousarray(np.unique(allowed_ids), dtype=np.int64)
-        if len(allowed) == 0:
-            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        selector = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
-        params = faiss.SearchParameters(sel=selector)
-        return self.index.search(q, k, params=params)
+        params = None
+        if allowed_ids is not None:
+            allowed = np.ascontiguousarray(np.unique(allowed_ids), dtype=np.int64)
+            if len(allowed) == 0:
+                return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed)))
+        with _omp_threads(1 if len(q) <= _FEW_QUERIES else None):
+            return self.index.search(q, k, params=params)
 
     def save(self, path: Path, stamp: Stamp | None = None) -> None:
         """Write atomically: a temporary file in the same directory, fsync, rename, fsync dir."""
@@ -175,6 +176,28 @@ class FaissIndex:
             if tmp_name is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
+
+
+_FEW_QUERIES = 4
+
+
+@contextlib.contextmanager
+def _omp_threads(threads: int | None) -> Iterator[None]:
+    """FAISS's OpenMP threads for this calling thread, restored afterwards (None: unchanged).
+
+    A flat scan for one query vector gains nothing from a second thread, and loses much when the
+    cores are busy: every parallel region waits for a thread the scheduler has not run yet (100k x
+    512 on a loaded 2-core machine: 22 ms with one thread, 70 ms with two; bench/serve_latency.py
+    p50 26 ms against ~100 ms). Batches of queries (duplicates) keep every thread."""
+    if threads is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def reconcile(index: FaissIndex, catalog_ids: np.ndarray, fetch) -> ReconcileReport:  # type: ignore[no-untyped-def]

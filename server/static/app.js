@@ -173,7 +173,11 @@ async function loadMore() {
   } finally {
     if (generation === results.generation) results.loading = false;
   }
-  if (generation === results.generation && results.more && sentinelVisible()) loadMore();
+  // Re-check after the new cards are laid out (their images load lazily): the observer only
+  // reports changes, and a sentinel that stayed in view would otherwise wait for a scroll.
+  requestAnimationFrame(() => {
+    if (generation === results.generation && results.more && sentinelVisible()) loadMore();
+  });
 }
 
 async function loadDuplicates() {
@@ -271,6 +275,9 @@ document.addEventListener("keydown", (e) => {
   else if (e.key === "ArrowLeft" && viewing > 0) openViewer(viewing - 1);
 });
 window.addEventListener("popstate", () => { state = readState(); render(); });
+window.addEventListener("scroll", () => {
+  if (results.more && sentinelVisible() && state.view !== "duplicates" && (state.q || state.like)) loadMore();
+}, { passive: true });
 new IntersectionObserver((entries) => {
   if (entries.some((x) => x.isIntersecting) && state.view !== "duplicates" && (state.q || state.like)) loadMore();
 }, { rootMargin: "600px" }).observe(els.sentinel);
