@@ -46,7 +46,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 JsonlOpt = Annotated[bool, typer.Option("--jsonl", help="Print one JSON object a line.")]
 PathsOpt = Annotated[bool, typer.Option("--paths", help="Print bare paths, one a line (for xargs).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16 (CUDA).")]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="auto, fp32, bf16, fp16 (CUDA) or int8 (CPU, opt-in, lossy).")
+]
 
 
 def _fmt(json_: bool, jsonl: bool, paths: bool) -> str:
@@ -76,7 +78,10 @@ def index(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     backend: Annotated[
-        str, typer.Option("--backend", help="auto, torch or onnx (ONNX Runtime: CPU float32 only).")
+        str,
+        typer.Option(
+            "--backend", help="auto, torch, onnx (ONNX Runtime: CPU fp32/int8) or openvino (CPU fp32/bf16)."
+        ),
     ] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding threads (0: automatic).")] = 0,

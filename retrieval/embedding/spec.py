@@ -38,9 +38,9 @@ class ModelSpec:
     arch: str = DEFAULT_ARCH
     pretrained: str = DEFAULT_PRETRAINED
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 (see devices.resolve_precision)
     seed: int = 0  # only for pretrained='random'
-    backend: str = "auto"  # auto | torch | onnx: what runs the image tower (see resolve_backend)
+    backend: str = "auto"  # auto | torch | onnx | openvino: what runs the image tower (devices.py)
 
     def weights_id(self) -> str:
         """Identity of the weights, cheap to compute: the tag, or the checkpoint's sha256."""
