@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from retrieval import ClipdexError
 from retrieval.core.filters import Filters, parse_date, parse_formats
+from retrieval.search.query import compact_parts
 
 from .errors import PayloadTooLargeError
 
@@ -29,7 +29,6 @@ MAX_BODY = MAX_UPLOAD * 4 // 3 + (1 << 20)  # one such image in base64 inside a 
 MAX_TERMS = 32
 
 # The same weight prefix as Query.parse: not when a digit follows the colon ("12:30 sunset").
-_WEIGHT = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*:(?!\d)(.*)$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -60,57 +59,9 @@ class SearchSpec:
 
 # -- the compact form, texts only ----------------------------------------------------------------
 def compact_terms(text: str) -> list[TermSpec]:
-    parts = _split(text, quotes=True)
-    if parts is None:  # an unbalanced quote (`a 12" record`) is an ordinary character
-        parts = _split(text, quotes=False)
-    assert parts is not None
-    out = []
-    for sign, body in parts:
-        if not body.strip():
-            raise ClipdexError(f"empty term in query {text!r}")
-        out.append(_term(body.strip(), sign))
-    return out
-
-
-def _term(text: str, sign: float) -> TermSpec:
-    weight = 1.0
-    body = _unquote(text.strip())
-    match = _WEIGHT.match(body)
-    if match:
-        weight = float(match.group(1))
-        body = _unquote(match.group(2).strip())
-    if not body.strip():
-        raise ClipdexError(f"empty query term in {text!r}")
-    return TermSpec("text", body, sign * weight)
-
-
-def _split(text: str, quotes: bool) -> list[tuple[float, str]] | None:
-    stripped = text.strip()
-    parts: list[tuple[float, str]] = []
-    sign, start, quoted = 1.0, 0, False
-    n = len(stripped)
-    for i, ch in enumerate(stripped):
-        if ch == '"' and quotes:
-            quoted = not quoted
-        elif (
-            not quoted
-            and ch in "+-"
-            and (i == 0 or stripped[i - 1].isspace())
-            and (i == n - 1 or stripped[i + 1].isspace())
-        ):
-            if i > 0:
-                parts.append((sign, stripped[start:i]))
-            sign, start = (1.0 if ch == "+" else -1.0), i + 1
-    if quoted:
-        return None
-    parts.append((sign, stripped[start:]))
-    return parts
-
-
-def _unquote(text: str) -> str:
-    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1]:
-        return text[1:-1]
-    return text
+    """The compact form read as the library reads it, every term a text: over HTTP an image is
+    an id or an upload, never a path on the server's disk."""
+    return [TermSpec("text", body, weight) for weight, body in compact_parts(text)]
 
 
 def id_term(text: str, sign: float = 1.0) -> TermSpec:

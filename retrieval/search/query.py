@@ -72,15 +72,8 @@ class Term:
     @classmethod
     def parse(cls, text: str, sign: float = 1.0) -> Term:
         """One term with an optional `W:` weight prefix (`2:golden retriever`, `0.5:./a.jpg`)."""
-        weight = 1.0
-        body = _unquote(text.strip())
-        match = _WEIGHT.match(body)
-        if match:
-            weight = float(match.group(1))
-            body = _unquote(match.group(2).strip())
-        if not body.strip():
-            raise ClipdexError(f"empty query term in {text!r}")
-        return cls.guess(body, sign * weight)
+        weight, body = weighted_body(text, sign)
+        return cls.guess(body, weight)
 
 
 @dataclass
@@ -152,11 +145,17 @@ class Query:
 
 # -- the compact form -------------------------------------------------------------------------
 def _parse_compact(text: str) -> list[Term]:
-    """Split on ` + ` / ` - ` outside double quotes; a leading `+ `/`- ` signs the first term.
-    With unbalanced quotes (`a 12" record`) quotes are ordinary characters; the name of an
-    existing file (`my photo - copy.jpg`) is one image term."""
+    """The compact form's terms; the name of an existing file (`my photo - copy.jpg`) is one
+    image term."""
     if os.path.isfile(os.path.expanduser(text.strip())):
         return [Term("image", text.strip())]
+    return [Term.guess(body, weight) for weight, body in compact_parts(text)]
+
+
+def compact_parts(text: str) -> list[tuple[float, str]]:
+    """The compact form as (signed weight, body) pairs, without deciding what a body is: split
+    on ` + ` / ` - ` outside double quotes; a leading `+ `/`- ` signs the first term. With
+    unbalanced quotes (`a 12" record`) quotes are ordinary characters."""
     parts = _split_compact(text, quotes=True)
     if parts is None:
         parts = _split_compact(text, quotes=False)
@@ -164,7 +163,20 @@ def _parse_compact(text: str) -> list[Term]:
     for _, body in parts:
         if not body.strip():
             raise ClipdexError(f"empty term in query {text!r}")
-    return [Term.parse(body.strip(), s) for s, body in parts]
+    return [weighted_body(body.strip(), s) for s, body in parts]
+
+
+def weighted_body(text: str, sign: float = 1.0) -> tuple[float, str]:
+    """`2:golden retriever` -> (2.0 * sign, 'golden retriever'); no prefix: weight 1."""
+    weight = 1.0
+    body = _unquote(text.strip())
+    match = _WEIGHT.match(body)
+    if match:
+        weight = float(match.group(1))
+        body = _unquote(match.group(2).strip())
+    if not body.strip():
+        raise ClipdexError(f"empty query term in {text!r}")
+    return sign * weight, body
 
 
 def _split_compact(text: str, quotes: bool) -> list[tuple[float, str]] | None:
