@@ -28,7 +28,6 @@ MAX_UPLOAD = 20 << 20  # bytes of one uploaded image
 MAX_BODY = MAX_UPLOAD * 4 // 3 + (1 << 20)  # one such image in base64 inside a JSON body, and slack
 MAX_TERMS = 32
 
-# The same weight prefix as Query.parse: not when a digit follows the colon ("12:30 sunset").
 
 
 @dataclass(frozen=True)
