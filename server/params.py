@@ -29,7 +29,6 @@ MAX_BODY = MAX_UPLOAD * 4 // 3 + (1 << 20)  # one such image in base64 inside a 
 MAX_TERMS = 32
 
 
-
 @dataclass(frozen=True)
 class TermSpec:
     kind: Literal["text", "id", "upload"]
