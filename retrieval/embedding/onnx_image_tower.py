@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -156,15 +157,22 @@ class OnnxImageEncoder:
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """L2-normalised float32 embeddings (N, dim) of preprocessed pixels (N, 3, H, W)."""
-        x = np.ascontiguousarray(pixels, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected pixels of shape (N, 3, H, W), got {x.shape}")
-        if x.shape[0] == 0:
-            return np.empty((0, self.dim), np.float32)
-        feats = self.session.run(None, {self.input_name: x})[0].astype(np.float32, copy=False)
-        self.images_encoded += x.shape[0]
-        norms = np.linalg.norm(feats, axis=1, keepdims=True)
-        return (feats / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+        out = embed_batch(pixels, self.dim, lambda x: self.session.run(None, {self.input_name: x})[0])
+        self.images_encoded += len(out)
+        return out
+
+
+def embed_batch(pixels: np.ndarray, dim: int, infer: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Check a batch of preprocessed pixels (N, 3, H, W), run `infer` on it, normalise the rows:
+    what every runtime's image encoder does around its own inference call."""
+    x = np.ascontiguousarray(pixels, dtype=np.float32)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected pixels of shape (N, 3, H, W), got {x.shape}")
+    if x.shape[0] == 0:
+        return np.empty((0, dim), np.float32)
+    feats = np.asarray(infer(x), dtype=np.float32)
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    return (feats / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
 def _available_cpus() -> int:

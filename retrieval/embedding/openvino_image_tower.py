@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .onnx_image_tower import _available_cpus
+from .onnx_image_tower import _available_cpus, embed_batch
 
 # clipdex precision -> OpenVINO's inference precision hint
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -63,13 +63,7 @@ class OpenVinoImageEncoder:
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """L2-normalised float32 embeddings (N, dim) of preprocessed pixels (N, 3, H, W)."""
-        x = np.ascontiguousarray(pixels, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected pixels of shape (N, 3, H, W), got {x.shape}")
-        if x.shape[0] == 0:
-            return np.empty((0, self.dim), np.float32)
-        # copy: the request reuses its output buffer on the next call
-        feats = np.array(self._request.infer({0: x})[0], dtype=np.float32)
-        self.images_encoded += x.shape[0]
-        norms = np.linalg.norm(feats, axis=1, keepdims=True)
-        return (feats / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+        # np.array copies: the request reuses its output buffer on the next call.
+        out = embed_batch(pixels, self.dim, lambda x: np.array(self._request.infer({0: x})[0]))
+        self.images_encoded += len(out)
+        return out
