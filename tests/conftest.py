@@ -247,3 +247,15 @@ def idx(corpus, tiny_clip_model):
     index = open_index(corpus, tiny_clip_model)
     yield index
     index.close()
+
+
+@pytest.fixture(scope="module")
+def local(served, tiny_clip_model):
+    """The index a server test module serves (its `served` fixture), opened in-process with the
+    session's model: what the server's answers are compared with."""
+    from retrieval.index import ImageIndex
+
+    index = ImageIndex.open(served, device="cpu")
+    index.use_model(tiny_clip_model)
+    yield index
+    index.close()

@@ -12,7 +12,7 @@ import pytest
 from live_server import LiveServer, copy_index
 from PIL import Image
 
-from retrieval import ClipdexError, ImageIndex
+from retrieval import ClipdexError
 from retrieval.core.filters import Filters, parse_date, parse_formats
 from server import RemoteIndex
 from server.app import create_app
@@ -38,14 +38,6 @@ def url(served, tiny_clip_model):
 def remote(url):
     with RemoteIndex(url, token=TOKEN) as index:
         yield index
-
-
-@pytest.fixture(scope="module")
-def local(served, tiny_clip_model):
-    index = ImageIndex.open(served, device="cpu")
-    index.use_model(tiny_clip_model)
-    yield index
-    index.close()
 
 
 def assert_same(got, want) -> None:

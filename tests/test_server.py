@@ -46,14 +46,6 @@ def client(served, tiny_clip_model):
         yield c
 
 
-@pytest.fixture(scope="module")
-def local(served, tiny_clip_model):
-    index = ImageIndex.open(served, device="cpu")
-    index.use_model(tiny_clip_model)
-    yield index
-    index.close()
-
-
 def get_hits(client: TestClient, url: str, **params) -> list[dict]:
     response = client.get(url, params=params or None)  # params={} would drop the url's own query
     assert response.status_code == 200, response.text

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from live_server import LiveServer, copy_index
 
-from retrieval import ImageIndex
 from retrieval.core.filters import Filters, parse_formats
 from retrieval.search.query import Query
 from server.app import create_app
@@ -65,14 +64,6 @@ def served(corpus, tmp_path_factory) -> Path:
 def url(served, tiny_clip_model):
     with LiveServer(create_app(served, model=tiny_clip_model)) as address:
         yield address
-
-
-@pytest.fixture(scope="module")
-def local(served, tiny_clip_model):
-    index = ImageIndex.open(served, device="cpu")
-    index.use_model(tiny_clip_model)
-    yield index
-    index.close()
 
 
 @pytest.fixture(scope="module")
