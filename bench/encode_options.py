@@ -55,6 +55,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable as a plain script from any directory
 
+from machine import busy_cpu_seconds, cpu_name, flags_of_interest  # noqa: E402
+
 from retrieval.core.images import load_image  # noqa: E402
 from retrieval.embedding.clip_model import ClipModel  # noqa: E402
 from retrieval.embedding.onnx_image_tower import OnnxImageEncoder, export_image_tower, session_options  # noqa: E402
@@ -78,15 +80,7 @@ def _own_cpu() -> float:
     return t.user + t.system  # all threads of this process (not children)
 
 
-def _system_busy() -> float | None:
-    """Busy CPU-seconds of the whole machine since boot (steal included: time taken from us)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
 
 
 NCPU = os.cpu_count() or 1
@@ -119,11 +113,11 @@ class Sample:
 @contextmanager
 def measure() -> Iterator[Sample]:
     sample = Sample()
-    busy0, cpu0, t0 = _system_busy(), _own_cpu(), time.perf_counter()
+    busy0, cpu0, t0 = busy_cpu_seconds(), _own_cpu(), time.perf_counter()
     yield sample
     sample.wall = time.perf_counter() - t0
     sample.cpu = _own_cpu() - cpu0
-    busy1 = _system_busy()
+    busy1 = busy_cpu_seconds()
     sample.others_cpu = None if busy0 is None or busy1 is None else max(0.0, busy1 - busy0 - sample.cpu)
 
 
@@ -933,7 +927,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(
-        f"machine: {_cpu_name()}, {NCPU} CPUs, torch {torch.__version__} "
+        f"machine: {cpu_name()}, {NCPU} CPUs, torch {torch.__version__} "
         f"({torch.backends.cpu.get_cpu_capability()}), onnxruntime {ort.__version__}, "
         f"python {platform.python_version()}"
     )
@@ -943,7 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # backend="torch": ClipModel would otherwise pick ONNX Runtime on the CPU, and torch is the reference.
     clip = ClipModel(ModelSpec(args.arch, args.pretrained, device="cpu", precision="fp32", backend="torch"))
     assert clip.backend == "torch", clip.backend
-    report: dict[str, Any] = {"command": sys.argv, "machine": _cpu_name(), "cpus": NCPU}
+    report: dict[str, Any] = {"command": sys.argv, "machine": cpu_name(), "cpus": NCPU}
 
     # -- decoding first: it yields the preprocessed tensors every model option then shares
     drafts: list[int | None] = [None, 224, 448]
@@ -1050,7 +1044,7 @@ def precision_main(args: argparse.Namespace, files: Sequence[Path], calib_files:
 
         versions.append(f"openvino {ov.get_version()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {_cpu_name()}, {NCPU} CPUs, flags: {' '.join(_cpu_flags()) or 'none of interest'}")
+    print(f"machine: {cpu_name()}, {NCPU} CPUs, flags: {' '.join(flags_of_interest()) or 'none of interest'}")
     print(f"software: {', '.join(versions)}")
     clip = ClipModel(ModelSpec(args.arch, args.pretrained, device="cpu", precision="fp32", backend="torch"))
     with torch_threads(1), torch.inference_mode():
@@ -1070,18 +1064,10 @@ def precision_main(args: argparse.Namespace, files: Sequence[Path], calib_files:
     )
     print_rows(rows)
     if args.json:
-        report = {"command": sys.argv, "machine": _cpu_name(), "flags": _cpu_flags(), "cpus": NCPU}
+        report = {"command": sys.argv, "machine": cpu_name(), "flags": flags_of_interest(), "cpus": NCPU}
         report["rows"] = [r.to_dict() for r in rows]
         args.json.write_text(json.dumps(report, indent=1))
     return 0
-
-
-def _cpu_flags() -> list[str]:
-    """The CPU features that decide bf16 / int8 speed, as /proc/cpuinfo lists them."""
-    from retrieval.embedding.devices import cpu_flags
-
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
-    return [f for f in wanted if f in cpu_flags()]
 
 
 def print_progress(row: Row) -> None:
@@ -1089,17 +1075,6 @@ def print_progress(row: Row) -> None:
     rate = f"{t.rate:.2f} img/s" if t else "-"
     fid = f", min cos {row.fid.min_cos:.6f}" if row.fid else ""
     print(f"  {row.option} b{row.batch} t{row.threads}: {rate}{fid} {row.note}", flush=True)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

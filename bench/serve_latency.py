@@ -27,7 +27,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -41,6 +40,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import machine_facts  # noqa: E402
+
 PYTHON = sys.executable
 DEFAULT_MODEL = "ViT-B-32-256"
 DEFAULT_CKPT = "/tmp/clipdex-peers/datadir/ViT-B-32-256-seed0.pt"
@@ -98,20 +100,6 @@ class Results:
 
 
 # -- machine facts ------------------------------------------------------------------------------------
-def machine_facts() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": usable,
-            "load_average_at_start": list(os.getloadavg()), "python": platform.python_version()}
-
-
 # -- the index ----------------------------------------------------------------------------------------
 def index_real_photos(folder: Path, work: Path, index_dir: Path, args: argparse.Namespace) -> None:
     """Copy the first `--real` photos under /tmp and index them with the real command."""
@@ -388,7 +376,7 @@ def main() -> None:
     results = Results(machine_facts(), facts[0])
     machine = results.machine
     print(f"machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
-          f"load average {machine['load_average_at_start']}")
+          f"load average {machine['load_average']}")
     size_mib = sum(results.index["bytes"].values()) / 2**20
     print(f"index: {results.index['images']:,} images ({results.index['real_photos']} real photos), "
           f"{results.index['dim']} dimensions, {results.index['model']}, {size_mib:.0f} MiB in {index_dir}")

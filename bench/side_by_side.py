@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -42,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from machine import busy_cpu_seconds, machine_facts
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PEERS = ROOT.parent / "shared" / "peers"
 DEFAULT_WORKDIR = Path("/tmp/clipdex-peers")
@@ -51,7 +52,6 @@ RCLIP_MODEL_SUBDIR = "ViT-B-32-256-datacomp_s34b_b86k"  # where rclip 3.3 looks 
 # more (jp2, pnm); a folder holding those would make the counts differ, so it is refused.
 COMMON_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 ONE_TOOL_EXTENSIONS = {".jpe", ".heic", ".heif", ".avif", ".jp2", ".pnm", ".pbm", ".pgm", ".ppm"}
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 class BenchError(Exception):
@@ -88,29 +88,6 @@ class Rclip:
 
 
 # ---------------------------------------------------------------- machine and inputs
-
-
-def machine_facts() -> dict[str, Any]:
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "usable_cores": affinity,
-        "flags": {flag: flag in flags for flag in CPU_FLAGS},
-        "python": platform.python_version(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -172,15 +149,7 @@ def fresh_rclip_datadir(template: Path, where: Path) -> Path:
 # ---------------------------------------------------------------- running one child
 
 
-def _busy_cpu_s() -> float | None:
-    """CPU-seconds the whole machine has been busy since boot (steal included)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
 
 
 @dataclass
@@ -196,14 +165,14 @@ class Child:
 
 def run_child(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> Child:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        busy0 = _busy_cpu_s()
+        busy0 = busy_cpu_seconds()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, env=env)
         # wait4 gives this child's own rusage (with its waited-for descendants), unlike
         # RUSAGE_CHILDREN, which sums every child this script ever had.
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-        busy1 = _busy_cpu_s()
+        busy1 = busy_cpu_seconds()
         code = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
