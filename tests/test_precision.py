@@ -4,6 +4,7 @@ stay within their stated fidelity of float32, exact ones stay exact."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,12 @@ def test_openvino_bf16_is_faithful_and_fp32_exact(reference) -> None:  # type: i
     assert cos.mean() >= BF16_MEAN and cos.min() >= BF16_MIN, (cos.mean(), cos.min())
     exact = _model("fp32", "openvino")
     assert np.abs(exact.encode_images(pixels) - want).max() < 1e-5
+
+
+def test_auto_device_without_a_cuda_driver_needs_no_torch(monkeypatch):
+    from retrieval.embedding import devices
+
+    monkeypatch.setattr(devices, "nvidia_driver_present", lambda: False)
+    monkeypatch.setitem(sys.modules, "torch", None)  # any `import torch` now raises
+    assert devices.resolve_device("auto") == "cpu"
+    assert devices.resolve_device("cuda:1") == "cuda:1"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import shutil
+import sys
 from collections.abc import Callable, Iterable
 
 from retrieval.core.errors import ModelLoadError
@@ -29,11 +32,26 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
 
 
 def resolve_device(device: str) -> str:
+    """The device for "auto": CUDA when torch sees it. Asking torch costs seconds of import, so where CUDA is
+    certainly absent (no NVIDIA driver) the answer is "cpu" without it: that keeps the lean,
+    torch-free index run (image_models.load_image_model) and cold queries light."""
     if device != "auto":
         return device
-    import torch  # seconds to import: only when the device is left to "auto"
+    if not nvidia_driver_present():
+        return "cpu"
+    import torch  # seconds to import: only where a CUDA driver is installed
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def nvidia_driver_present() -> bool:
+    """Whether CUDA could be there: its kernel driver shows in /proc/driver/nvidia on Linux (or
+    /dev/dxg under WSL); macOS has no CUDA builds of torch; on Windows nvidia-smi comes with it."""
+    if sys.platform == "darwin":
+        return False
+    if sys.platform.startswith("linux"):
+        return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/dxg")
+    return shutil.which("nvidia-smi") is not None
 
 
 def has_native_bf16(flags: Iterable[str]) -> bool:

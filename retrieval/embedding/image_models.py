@@ -3,16 +3,12 @@ the model's exports are cached and ONNX Runtime would run it anyway, else ClipMo
 
 The lean model gives the same vectors and signature as ClipModel on the onnx backend (cpu, fp32),
 so the choice only changes the cost of starting: no torch or open_clip import, no model build.
-Device, precision and backend are still chosen by embedding.devices; the one question it would
-answer with torch ("auto": is there CUDA?) is answered here without torch when the answer is
-certainly no, and left to devices.resolve_device otherwise.
+Device, precision and backend are chosen by embedding.devices, without torch where that is
+possible.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
 from typing import TypeAlias
 
 from .clip_model import ClipModel
@@ -39,9 +35,7 @@ def lean_image_model(spec: ModelSpec) -> OnnxImageModel | None:
     """The torch-free model for `spec`, or None when ClipModel is needed: the device is not
     the CPU (or cannot be known without torch), the backend is not ONNX Runtime in float32,
     or the cache lacks what a run needs (manifest, image export, text tower)."""
-    device = spec.device if spec.device != "auto" else _auto_device_without_torch()
-    if device is None:
-        device = resolve_device(spec.device)  # a CUDA driver is installed: torch must say
+    device = resolve_device(spec.device)  # without torch where there is certainly no CUDA
     if not device.startswith("cpu"):
         return None
     precision = resolve_precision(spec.precision, device)
@@ -52,15 +46,3 @@ def lean_image_model(spec: ModelSpec) -> OnnxImageModel | None:
     if manifest is None or not manifest.usable_without_torch:
         return None
     return OnnxImageModel(spec, manifest, backend, precision)
-
-
-def _auto_device_without_torch() -> str | None:
-    """'cpu' where torch.cuda.is_available() is certainly False: there is no NVIDIA driver (CUDA
-    needs its kernel module, which shows in /proc/driver/nvidia on Linux, or /dev/dxg under WSL;
-    macOS has no CUDA builds of torch). None where CUDA may be there: then torch decides."""
-    if sys.platform == "darwin":
-        return "cpu"
-    if sys.platform.startswith("linux"):
-        driver = os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/dxg")
-        return None if driver else "cpu"
-    return None if shutil.which("nvidia-smi") else "cpu"  # Windows: nvidia-smi comes with the driver
