@@ -47,17 +47,21 @@ def onnx_text_path(index_dir: Path, signature: ModelSignature) -> Path:
 def load_onnx_text(index_dir: Path, signature: ModelSignature) -> TextFn | None:
     """An embedding function backed by the exported graph, or None if there is none to use."""
     path = onnx_text_path(index_dir, signature)
-    if not path.is_file():
-        return None
+    return _text_fn(path) if path.is_file() else None
+
+
+def _text_fn(path: Path) -> TextFn | None:
+    """Tokenizer + ONNX Runtime session on the text tower at `path`; None when it cannot be
+    used (onnxruntime missing, the file unreadable): the torch path still works then."""
     try:
         # Imported here: onnxruntime takes a while, and only a text not in the cache needs it.
         from .onnx_text_tower import OnnxTextEncoder
         from .tokenizer import default_tokenizer
 
         encoder = OnnxTextEncoder(path)
-    except Exception:  # onnxruntime missing or the file unreadable: the torch path still works
+        tokenizer = default_tokenizer()
+    except Exception:
         return None
-    tokenizer = default_tokenizer()
     return lambda texts: encoder.encode(tokenizer(list(texts), encoder.context_length))
 
 
@@ -77,15 +81,9 @@ class PrefetchedText:
             self._thread.start()
 
     def _load(self, path: Path, key: str) -> None:
-        try:
-            from .onnx_text_tower import OnnxTextEncoder  # in this thread: off the caller's path
-            from .tokenizer import default_tokenizer
-
-            encoder = OnnxTextEncoder(path)
-            tokenizer = default_tokenizer()
-        except Exception:
-            return
-        self._result = (key, lambda texts: encoder.encode(tokenizer(list(texts), encoder.context_length)))
+        fn = _text_fn(path)  # in this thread: the imports and session set-up are off the caller's path
+        if fn is not None:
+            self._result = (key, fn)
 
     def get(self, signature: ModelSignature) -> TextFn | None:
         if self._thread is None:
