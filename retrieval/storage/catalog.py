@@ -184,13 +184,13 @@ class Catalog:
 
     # -- identity and history ---------------------------------------------------------------
     def state(self) -> CatalogState:
-        with self.engine.connect() as conn:  # one read transaction: a consistent snapshot
-            index_id = conn.execute(select(MetaRow.value).where(MetaRow.key == "index_id")).scalar_one()
-            model_id = conn.execute(select(ModelRow.id).where(ModelRow.state == ACTIVE)).scalar_one_or_none()
-            generation, nonce = conn.execute(
-                select(CommitRow.generation, CommitRow.nonce).order_by(CommitRow.generation.desc()).limit(1)
-            ).one()
-        return CatalogState(index_id, model_id, generation, nonce)
+        """One statement (readers ask before every search): identity, active model, last commit."""
+        index_id = select(MetaRow.value).where(MetaRow.key == "index_id").scalar_subquery()
+        model_id = select(ModelRow.id).where(ModelRow.state == ACTIVE).scalar_subquery()
+        last = select(index_id, model_id, CommitRow.generation, CommitRow.nonce)
+        with self.engine.connect() as conn:
+            row = conn.execute(last.order_by(CommitRow.generation.desc()).limit(1)).one()
+        return CatalogState(*row)
 
     def has_commit(self, generation: int, nonce: str) -> bool:
         """Whether (generation, nonce) is part of this catalog's history."""
