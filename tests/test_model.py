@@ -32,6 +32,7 @@ from retrieval.embedding.spec import (
 )
 from retrieval.index import ImageIndex
 
+NO_BF16_CPU = frozenset({"avx2", "fma"})
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -160,8 +161,9 @@ def test_unreachable_hub_fails_fast_in_one_line(monkeypatch, tmp_path):
     assert "\n" not in msg and "--pretrained" in msg and "laion2b_s34b_b79k" in msg
 
 
-def test_precision_choices():
-    assert resolve_precision("auto", "cpu") == "fp32"
+def test_precision_choices(monkeypatch):
+    monkeypatch.delenv("CLIPDEX_PRECISION", raising=False)
+    assert resolve_precision("auto", "cpu", NO_BF16_CPU) == "fp32"
     assert resolve_precision("auto", "cuda") == "fp16"
     assert resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ModelLoadError, match="fp16"):

@@ -29,6 +29,12 @@ BF16_MEAN, BF16_MIN = 0.999, 0.995
 INT8_MEAN, INT8_MIN = 0.99, 0.98  # opt-in; on ViT-B-32-256 it measured far closer (README)
 
 
+@pytest.fixture(autouse=True)
+def _no_user_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite pins $CLIPDEX_PRECISION to fp32 (conftest); these tests are about "auto" itself."""
+    monkeypatch.delenv("CLIPDEX_PRECISION", raising=False)
+
+
 def has(packages: frozenset[str]):  # type: ignore[no-untyped-def]
     return packages.__contains__
 
@@ -61,6 +67,15 @@ def test_auto_precision_per_cpu(
     device: str, flags: frozenset[str], packages: frozenset[str], expected: str
 ) -> None:
     assert resolve_precision("auto", device, flags, has(packages)) == expected
+
+
+def test_the_users_default_replaces_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPDEX_PRECISION", "fp32")
+    assert resolve_precision("auto", "cpu", AMX_CPU, has(EVERYTHING)) == "fp32"
+    assert resolve_precision("bf16", "cpu", AMX_CPU, has(EVERYTHING)) == "bf16"  # a named one wins
+    monkeypatch.setenv("CLIPDEX_PRECISION", "int9")
+    with pytest.raises(ModelLoadError, match="unknown precision 'int9'"):
+        resolve_precision("auto", "cpu", AMX_CPU, has(EVERYTHING))
 
 
 @pytest.mark.parametrize("flags", [AMX_CPU, AVX2_CPU])
@@ -206,6 +221,25 @@ def test_openvino_bf16_is_faithful_and_fp32_exact(reference) -> None:  # type: i
     assert cos.mean() >= BF16_MEAN and cos.min() >= BF16_MIN, (cos.mean(), cos.min())
     exact = _model("fp32", "openvino")
     assert np.abs(exact.encode_images(pixels) - want).max() < 1e-5
+
+
+def test_openvino_bf16_runs_from_a_float16_copy_made_once(tmp_path: Path, reference) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("openvino")
+    from retrieval.embedding.model_manifest import image_export_path
+    from retrieval.embedding.openvino_image_tower import OpenVinoImageEncoder
+
+    pixels, want = reference
+    export = image_export_path(_model("fp32", "onnx").signature)
+    encoder = OpenVinoImageEncoder(export, "bf16", cache=tmp_path / "ov")
+    assert encoder.path == tmp_path / "ov" / f"{export.stem}-f16.xml"
+    assert encoder.path.with_suffix(".bin").stat().st_size < export.stat().st_size * 0.6  # float16 weights
+    assert not list((tmp_path / "ov").glob(".*tmp*"))
+    cos = _cosines(encoder.encode(pixels.numpy()), want)
+    assert cos.mean() >= BF16_MEAN and cos.min() >= BF16_MIN, (cos.mean(), cos.min())
+    made = encoder.path.stat().st_mtime_ns
+    assert OpenVinoImageEncoder(export, "bf16", cache=tmp_path / "ov").path.stat().st_mtime_ns == made
+    # float32 keeps the float32 weights: it is meant to be exact
+    assert OpenVinoImageEncoder(export, "fp32", cache=tmp_path / "ov").path == export
 
 
 def test_auto_device_without_a_cuda_driver_needs_no_torch(monkeypatch):

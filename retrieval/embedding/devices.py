@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from retrieval.core.errors import ModelLoadError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISION_ENV = "CLIPDEX_PRECISION"  # the user's default in place of "auto"
 BACKENDS = ("auto", "torch", "onnx", "openvino")
 # CPU features with bfloat16 arithmetic in hardware; without them bf16 is emulated (slow).
 NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16"})
@@ -107,7 +108,10 @@ def resolve_precision(
     about 3x ONNX Runtime float32 there, embeddings within cosine 0.9999 of float32. fp32
     elsewhere: without native bf16 it is emulated, and torch's bf16 (also faster there) would
     need torch at run time, which the float32 ONNX path does not. int8 is opt-in only: lossy
-    (README, "Precision per CPU")."""
+    (README, "Precision per CPU"). $CLIPDEX_PRECISION replaces "auto" with a choice of the
+    user's own (for example fp32 everywhere, to keep embeddings bit-comparable across machines)."""
+    if precision == "auto":
+        precision = os.environ.get(PRECISION_ENV, "").strip().lower() or "auto"
     if precision != "auto":
         if precision not in PRECISIONS:
             raise ModelLoadError(f"unknown precision '{precision}': use auto, {', '.join(PRECISIONS)}")

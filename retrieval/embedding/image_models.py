@@ -33,8 +33,8 @@ def load_image_model(spec: ModelSpec) -> ImageModel:
 
 def lean_image_model(spec: ModelSpec) -> OnnxImageModel | None:
     """The torch-free model for `spec`, or None when ClipModel is needed: the device is not
-    the CPU (or cannot be known without torch), the backend is not ONNX Runtime in float32,
-    or the cache lacks what a run needs (manifest, image export, text tower)."""
+    the CPU (or cannot be known without torch), the backend and precision run no exported
+    graph (LEAN_PATHS), or the cache lacks what a run needs (manifest, image export, text tower)."""
     device = resolve_device(spec.device)  # without torch where there is certainly no CUDA
     if not device.startswith("cpu"):
         return None

@@ -45,6 +45,8 @@ class OpenVinoImageEncoder:
         core = ov.Core()
         if cache is not None:
             core.set_property({"CACHE_DIR": str(cache)})
+            if precision == "bf16":
+                self.path = compact_copy(core, self.path, Path(cache))
         model = core.read_model(str(self.path))
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": _HINTS[precision],
@@ -67,3 +69,33 @@ class OpenVinoImageEncoder:
         out = embed_batch(pixels, self.dim, lambda x: np.array(self._request.infer({0: x})[0]))
         self.images_encoded += len(out)
         return out
+
+
+def compact_copy(core: Any, onnx_path: Path, folder: Path) -> Path:
+    """The export in OpenVINO's own format with float16 weights, made once in `folder`.
+
+    For bf16 runs only: the weights end in bfloat16 either way, and rounding them through float16
+    first changes the embeddings by less than bf16 itself does (cosine to float32 0.99996 both
+    ways on 64 imagenet-sample photos, ViT-B-32-256). Read from the ONNX file, the float32
+    weights stay in memory beside the compiled ones; mapped from a float16 file they take half
+    the room and are read in place: peak RSS of model alone 917 -> 598 MiB.
+    """
+    xml = folder / f"{onnx_path.stem}-f16.xml"
+    if xml.is_file() and xml.with_suffix(".bin").is_file():
+        return xml
+    import openvino as ov
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{xml.stem}.{os.getpid()}.tmp.xml"
+    try:
+        ov.save_model(core.read_model(str(onnx_path)), str(tmp), compress_to_fp16=True)
+        # The .xml names no .bin: OpenVINO reads the file of the same stem, so the .bin goes
+        # first and the .xml's rename marks the pair complete.
+        os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(tmp, xml)
+    except (OSError, RuntimeError):
+        return onnx_path  # a read-only cache: run from the export itself
+    finally:
+        for leftover in (tmp, tmp.with_suffix(".bin")):
+            leftover.unlink(missing_ok=True)
+    return xml
