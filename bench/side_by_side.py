@@ -1,6 +1,7 @@
 """rclip and clipdex indexing the same folder with the same model on the same CPU, side by side.
 
     .venv/bin/python bench/side_by_side.py /tmp/clipdex-camera --rounds 2 --json runs.json
+    .venv/bin/python bench/side_by_side.py FOLDER --rounds 1 --searches 5   # and cold searches
 
 Both tools run as a user runs them, whole process from start to exit, ALTERNATING (rclip,
 clipdex, rclip, clipdex, ...) so that a busy spell on the machine hits both, each run into a
@@ -149,9 +150,6 @@ def fresh_rclip_datadir(template: Path, where: Path) -> Path:
 # ---------------------------------------------------------------- running one child
 
 
-
-
-
 @dataclass
 class Child:
     stdout: str
@@ -239,6 +237,45 @@ def one_round(
                 f" ({_why(run)}): the comparison would be meaningless"
             )
     return runs
+
+
+def cold_searches(
+    args: argparse.Namespace, tool: Rclip, folder: Path, work: Path, rnd: int
+) -> dict[str, Any]:
+    """Each tool answers `--searches` new text queries from a cold process, alternating, on the
+    index it built in round `rnd`: rclip with --no-indexing (its index is up to date), clipdex
+    with `search`. Every query is new (numbered), so neither answers from a cache."""
+    rclip_env = dict(os.environ, RCLIP_DATADIR=str(work / f"rclip-{rnd}"), HF_HUB_OFFLINE="1")
+    index = work / f"clipdex-{rnd}"
+    walls: dict[str, list[float]] = {"rclip": [], "clipdex": []}
+    rss: dict[str, list[float]] = {"rclip": [], "clipdex": []}
+    for i in range(args.searches):
+        query = f"{args.query} number {i}"
+        runs = {
+            "rclip": run_child([str(tool.binary), "-n", "-t", "10", "-f", query], cwd=folder, env=rclip_env),
+            "clipdex": run_child(
+                [str(args.clipdex), "search", query, "--index", str(index), "-k", "10", "--paths"]
+            ),
+        }
+        for name, child in runs.items():
+            walls[name].append(child.wall_s)
+            rss[name].append(child.peak_rss_mib)
+        print(
+            f"cold search {i + 1}: rclip {runs['rclip'].wall_s:.2f} s, clipdex {runs['clipdex'].wall_s:.2f} s"
+            f" (others {runs['clipdex'].others_pct or 0:.0f}%)",
+            flush=True,
+        )
+    result = {
+        name: {"median_s": statistics.median(w), "peak_rss_mib": statistics.median(rss[name])}
+        for name, w in walls.items()
+    }
+    result["time_ratio"] = result["clipdex"]["median_s"] / result["rclip"]["median_s"]  # <1: clipdex faster
+    print(
+        f"cold search, median of {args.searches}: rclip {result['rclip']['median_s']:.2f} s,"
+        f" clipdex {result['clipdex']['median_s']:.2f} s:"
+        f" clipdex takes {result['time_ratio']:.2f}x rclip's time"
+    )
+    return result
 
 
 def _why(run: Run) -> str:
@@ -332,6 +369,12 @@ def main() -> None:
     parser.add_argument("--index-args", default="", help="Extra options for 'clipdex index', quoted.")
     parser.add_argument("--rclip-args", default="", help="Extra options for rclip, quoted.")
     parser.add_argument("--query", default="a photo of a dog", help="The query rclip answers after indexing.")
+    parser.add_argument(
+        "--searches",
+        type=int,
+        default=0,
+        help="Then N cold text searches each, alternating, on the last round's index.",
+    )
     parser.add_argument("--no-warm-up", dest="warm_up", action="store_false")
     parser.add_argument("--json", type=Path, help="Write the machine facts and every run here.")
     args = parser.parse_args()
@@ -375,6 +418,8 @@ def bench(args: argparse.Namespace) -> None:
         for rnd in range(1, args.rounds + 1):
             runs += one_round(args, tool, folder, len(files), work, rnd)
         result = summarize(runs, facts)
+        if args.searches:
+            result["cold_search"] = cold_searches(args, tool, folder, work, args.rounds)
         if args.json:
             record = {
                 "folder": str(Path(args.folder).resolve()),
