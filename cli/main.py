@@ -674,5 +674,11 @@ def serve(
     run_server(index_dir, host=host, port=port, token=token)
 
 
+from . import quality_commands  # noqa: E402  (after `app`: these commands live in their own module)
+
+app.command("eval")(quality_commands.eval_command)
+app.command("tune")(quality_commands.tune_command)
+
+
 if __name__ == "__main__":
     run()
