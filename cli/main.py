@@ -123,6 +123,16 @@ def index(
             "excluded leave the index. A .clipdexignore file does the same for its folder and below.",
         ),
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Decode and embed on Ray (the 'ray' extra): 'local' (an instance started here, on "
+            "loopback), 'auto' (this machine's cluster) or a cluster address. Scanning and commits stay "
+            "here; docs/scale-out.md.",
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Index image folders (incremental: only new and changed files are embedded)."""
@@ -130,6 +140,11 @@ def index(
     from indexer.decode import DecodeOptions
     from indexer.model_choice import resolve_model_spec
 
+    runner = None
+    if ray is not None:
+        from indexer.ray_runner import RayRunner
+
+        runner = RayRunner(ray)  # refuses at once where Ray is not installed
     spec = resolve_model_spec(index_dir, model, pretrained, device, precision, backend)
     options = IndexOptions(
         batch_size=batch_size,
@@ -150,7 +165,9 @@ def index(
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        summary = index_folders(folders, index_dir, spec, options, progress=bar.update, stop=stop)
+        summary = index_folders(
+            folders, index_dir, spec, options, progress=bar.update, stop=stop, runner=runner
+        )
     except KeyboardInterrupt:
         # Typer would turn this into a silent exit; say what happened to the work.
         bar.close()

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -23,12 +22,12 @@ from retrieval.storage.records import FailureRecord, Move, NewImage
 from retrieval.storage.vector_store import VectorStore
 from retrieval.storage.writer import IndexWriter
 
-from .decode import Decoded, DecodeFailure, DecodeOptions, SameContent, decode_job, model_input_size
+from .decode import DecodeFailure, DecodeOptions, SameContent, model_input_size
 from .ignore import remember_excludes
 from .model_choice import resolve_model_spec
-from .pipeline import DecodePool
 from .plan import EmbedJob, Plan, make_plan
 from .scan import normalize_roots, scan, under_roots
+from .stages import Embedded, LocalRunner, Runner, StageSettings, StageTimes, stack_pixels
 
 
 @dataclass
@@ -92,11 +91,14 @@ def index_folders(
     *,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    runner: Runner | None = None,
 ) -> IndexSummary:
     """Bring the index at `index_dir` in line with the image files under `roots`.
 
     Incremental: unchanged files are skipped, moved files keep their vectors, deleted files
     leave the index. `stop` ends the run after the batch in flight has been committed.
+    `runner` decodes and embeds (indexer.stages): this process's threads by default,
+    indexer.ray_runner.RayRunner for a Ray cluster; the commits are this function's either way.
     """
     opts = options or IndexOptions()
     started = time.monotonic()
@@ -142,7 +144,7 @@ def index_folders(
                     _bind(writer, recorded, clip)
                 clip.warm_up()
                 t0 = time.monotonic()
-                _embed(writer, clip, plan.jobs, opts, summary, progress, stop)
+                _embed(writer, clip, plan.jobs, opts, summary, progress, stop, runner or LocalRunner())
                 summary.embed_seconds = time.monotonic() - t0
             if writer.reindexing and not summary.interrupted:
                 replaced = writer.finish_reindex()
@@ -184,139 +186,119 @@ def _drop_derived_files(directory: Path, old: ModelSignature, new: ModelSignatur
 
 
 def _embed(
-    writer,  # type: ignore[no-untyped-def]
+    writer: IndexWriter,
     clip: ImageModel,
     jobs: Sequence[EmbedJob],
     opts: IndexOptions,
     summary: IndexSummary,
     progress: Progress | None,
     stop: threading.Event | None,
+    runner: Runner,
 ) -> None:
+    """The commit stage, the single writer: what `runner` makes of `jobs` (decode, embed) is
+    committed here, in the driver, as it comes."""
     total = len(jobs)
-    handled = 0  # files back from the decoders, of every kind: the one counter progress shows
-    batch: list[Decoded] = []
+    handled = 0  # files back from the runner, of every kind: the one counter progress shows
     touched: list[Move] = []
     stale: list[int] = []  # rows of changed files that can no longer be read
     failed: list[FailureRecord] = []
-    # Commits, progress and the stop check come every batch_size files handled (or every few
-    # seconds), whatever the files turn out to be: a run of touched files or of failures embeds
-    # nothing, and must still keep its work as it goes and answer Ctrl-C.
+    # Commits, progress and the stop check come with every model batch, and every batch_size
+    # other files (or every few seconds): a run of touched files or of failures embeds nothing,
+    # and must still keep its work as it goes and answer Ctrl-C.
     commit_seconds = 2.0
     since_commit, last_commit = 0, time.monotonic()
 
-    def flush(embed: bool) -> None:
-        """Commit what is pending (the decoded batch too if `embed`), then report progress."""
+    def flush(embedded: list[Embedded]) -> None:
+        """Commit what is pending and `embedded` (one model batch, whole), then report progress."""
         nonlocal since_commit, last_commit
-        embedding = list(batch) if embed else []
-        if embedding or touched or stale or failed:
+        if embedded or touched or stale or failed:
             added: list[NewImage] = []
             replaced: list[int] = list(stale)
             revectored: list[tuple[int, np.ndarray]] = []
-            if embedding:
-                t0 = time.perf_counter()
-                vectors = clip.encode_images(_stack([d.pixels for d in embedding]))
-                summary.model_seconds += time.perf_counter() - t0
-                for d, vec in zip(embedding, vectors):
-                    if _reembeds_same_file(d.job) and d.content_hash == d.job.previous.content_hash:
-                        revectored.append((d.job.previous.id, vec))  # keeps its row, id and tags
-                        continue
-                    added.append(
-                        NewImage(
-                            d.job.info.path,
-                            d.size,
-                            d.mtime_ns,
-                            d.content_hash,
-                            d.width,
-                            d.height,
-                            d.format,
-                            d.taken_at,
-                            vec,
-                        )
+            for d in embedded:
+                if _reembeds_same_file(d.job) and d.content_hash == d.job.previous.content_hash:
+                    revectored.append((d.job.previous.id, d.vector))  # keeps its row, id and tags
+                    continue
+                added.append(
+                    NewImage(
+                        d.job.info.path,
+                        d.size,
+                        d.mtime_ns,
+                        d.content_hash,
+                        d.width,
+                        d.height,
+                        d.format,
+                        d.taken_at,
+                        d.vector,
                     )
-                    if d.job.previous is not None:
-                        replaced.append(d.job.previous.id)
+                )
+                if d.job.previous is not None:
+                    replaced.append(d.job.previous.id)
             writer.commit(
                 added=added, removed=replaced, touched=touched, failed=failed, revectored=revectored
             )
             summary.embedded += len(added) + len(revectored)
-            summary.updated += sum(1 for d in embedding if d.job.previous is not None)
-            summary.added += sum(1 for d in embedding if d.job.previous is None)
+            summary.updated += sum(1 for d in embedded if d.job.previous is not None)
+            summary.added += sum(1 for d in embedded if d.job.previous is None)
             summary.unchanged += len(touched)
             summary.removed += len(stale)
-            if embed:
-                batch.clear()
             touched.clear()
             stale.clear()
             failed.clear()
         since_commit, last_commit = 0, time.monotonic()
         if progress:
-            progress(handled - len(batch), total)  # files still waiting for the model are not done
+            progress(handled, total)
 
-    workers = opts.decode_workers or default_decode_workers()
-    decode_options = opts.decode.for_input_size(model_input_size(clip.preprocess_cfg))
-    decode_time = [0.0]
+    def note(result: SameContent | DecodeFailure) -> None:
+        """A file that reached no model: pending until the next commit."""
+        if isinstance(result, SameContent):
+            touched.append(Move(result.job.previous.id, result.job.info.path, result.size, result.mtime_ns))
+            return
+        summary.failed.append((result.path, result.reason))
+        if result.permanent and result.size is not None and result.mtime_ns is not None:
+            failed.append(FailureRecord(result.path, result.size, result.mtime_ns, result.reason))
+        job = result.job
+        # A changed file that cannot be read leaves; a file that a reindex could not read this
+        # time keeps its row (the reindex is finished by a later run).
+        keeps_row = not result.permanent and job is not None and _reembeds_same_file(job)
+        if job is not None and job.previous is not None and not keeps_row:
+            stale.append(job.previous.id)
 
-    def timed_decode(job: EmbedJob) -> Decoded | SameContent | DecodeFailure:
-        t0 = time.perf_counter()
-        try:
-            return decode_job(job, clip.preprocess, decode_options)
-        finally:
-            decode_time[0] += time.perf_counter() - t0  # float += under the GIL: good enough
-
-    pool: DecodePool[EmbedJob, Decoded | SameContent | DecodeFailure] = DecodePool(
-        timed_decode,
-        lambda job, secs: DecodeFailure(
-            job.info.path, f"decoding took over {opts.decode_timeout:g} s; skipped", job
-        ),
-        workers=workers,
-        max_pending=max(8, 2 * opts.batch_size),
+    settings = StageSettings(
+        batch_size=opts.batch_size,
+        decode=opts.decode.for_input_size(model_input_size(clip.preprocess_cfg)),
+        workers=opts.decode_workers or default_decode_workers(),
         timeout=opts.decode_timeout,
     )
+    times = StageTimes()
     try:
-        # Closed on every way out (stop, an exception): no decoder thread outlives the run.
-        with closing(pool.run(jobs)) as results:
-            for result in results:
-                handled += 1
-                since_commit += 1
-                if isinstance(result, Decoded):
-                    batch.append(result)
-                elif isinstance(result, SameContent):
-                    previous_id = result.job.previous.id
-                    touched.append(Move(previous_id, result.job.info.path, result.size, result.mtime_ns))
+        # Closed on every way out (stop, an exception): the runner's workers end with the run, and
+        # model batches not committed yet are left for the next run like files not decoded yet.
+        with closing(runner.run(clip, jobs, settings, times)) as outputs:
+            for output in outputs:
+                if isinstance(output, list):
+                    handled += len(output)
+                    flush(output)
                 else:
-                    summary.failed.append((result.path, result.reason))
-                    if result.permanent and result.size is not None and result.mtime_ns is not None:
-                        failed.append(FailureRecord(result.path, result.size, result.mtime_ns, result.reason))
-                    job = result.job
-                    # A changed file that cannot be read leaves; a file that a reindex could not
-                    # read this time keeps its row (the reindex is finished by a later run).
-                    keeps_row = not result.permanent and job is not None and _reembeds_same_file(job)
-                    if job is not None and job.previous is not None and not keeps_row:
-                        stale.append(job.previous.id)
-                if len(batch) >= opts.batch_size:
-                    flush(embed=True)
-                elif since_commit >= opts.batch_size or time.monotonic() - last_commit >= commit_seconds:
-                    flush(embed=False)  # keeps a part-filled batch for the model: batches stay full
-                else:
-                    continue
+                    handled += 1
+                    since_commit += 1
+                    note(output)
+                    if since_commit >= opts.batch_size or time.monotonic() - last_commit >= commit_seconds:
+                        flush([])
+                    else:
+                        continue
                 if stop is not None and stop.is_set():
                     # Whole batches only: files of a part-filled batch never reached the model, and
                     # are left for the next run like those not decoded yet.
                     summary.interrupted = True
                     return
-        flush(embed=True)
+        flush([])
     finally:
-        summary.decode_seconds = decode_time[0]
+        summary.decode_seconds = times.decode_seconds
+        summary.model_seconds += times.model_seconds
 
 
-def _stack(pixels: list[Any]) -> Any:
-    """One batch of preprocessed images: numpy from the lean model's preprocessing (no torch
-    import), torch tensors from open_clip's."""
-    if isinstance(pixels[0], np.ndarray):
-        return np.stack(pixels)
-    import torch  # only when the model's preprocessing made tensors: torch is loaded already
-
-    return torch.stack(pixels)
+_stack = stack_pixels  # indexer/embed_files.py imports it from here (now indexer.stages.stack_pixels)
 
 
 def _reembeds_same_file(job: EmbedJob) -> bool:
