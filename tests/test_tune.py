@@ -142,6 +142,12 @@ def test_lock_image_and_freeze_layers_keep_those_weights(pairs: Path, tiny_check
         tune(pairs, options(tmp_path / "y.pt", freeze_layers=5))
 
 
+def test_an_out_that_cannot_take_a_checkpoint_is_refused_before_training(pairs: Path, tmp_path: Path):
+    for out in (tmp_path, tmp_path / "missing" / "x.pt"):  # a folder; a file in no folder
+        with pytest.raises(ClipdexError, match="give a checkpoint file in an existing folder"):
+            tune(pairs, options(out))
+
+
 def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_unbroken_one(pairs: Path, tmp_path: Path):
     """SIGKILL after the first resume file; the resumed run's weights equal those of a run that
     was never stopped (same batches, same crops, same optimiser state)."""

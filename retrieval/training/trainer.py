@@ -170,6 +170,9 @@ def _checked(opts: TuneOptions) -> TuneOptions:
             raise ClipdexError(f"{name.replace('_', '-')} must be at least 1")
     if opts.batch_size < 2:
         raise ClipdexError("--batch-size must be at least 2: the loss contrasts pairs within a batch")
+    if Path(opts.out).is_dir() or not Path(opts.out).parent.is_dir():
+        # Checked before training: otherwise the first save, minutes in, would fail.
+        raise ClipdexError(f"--out {opts.out}: give a checkpoint file in an existing folder")
     if opts.lock_image and opts.pretrained == RANDOM:
         raise ClipdexError(
             "--lock-image keeps the image tower as loaded: give trained weights with --pretrained"
