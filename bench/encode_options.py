@@ -80,9 +80,6 @@ def _own_cpu() -> float:
     return t.user + t.system  # all threads of this process (not children)
 
 
-
-
-
 NCPU = os.cpu_count() or 1
 
 
@@ -733,9 +730,7 @@ def nncf_int8(fp32_path: Path, calibration: np.ndarray) -> Any:
 
     model = ov.Core().read_model(str(fp32_path))
     data = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
-    return nncf.quantize(
-        model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration)
-    )
+    return nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
 
 
 def torch_bf16_weights_encoder(clip: ClipModel, threads: int) -> Encoder:
@@ -767,17 +762,31 @@ def precision_factories(
     """(name, make the encoder): made one at a time, so that a failing option is only skipped."""
     t = args.threads
     options: list[tuple[str, Callable[[], Encoder]]] = [
-        ("ORT fp32 (clipdex CPU default)", lambda: OnnxImageEncoder(
-            onnx_path, options=session_options(t, spinning=False)).encode),
+        (
+            "ORT fp32 (clipdex CPU default)",
+            lambda: OnnxImageEncoder(onnx_path, options=session_options(t, spinning=False)).encode,
+        ),
         ("torch fp32 (eager)", lambda: torch_encoder(clip, t)),
         ("torch bf16 autocast (eager)", lambda: torch_encoder(clip, t, bf16=True)),
         ("torch bf16 weights (eager)", lambda: torch_bf16_weights_encoder(clip, t)),
-        ("ORT int8 dyn, MLP MatMuls, per-channel", lambda: OnnxImageEncoder(
-            ort_int8(onnx_path, workdir / "int8-mlp.onnx", "mlp"),
-            options=session_options(t, spinning=False)).encode),
-        ("ORT int8 dyn, all weight MatMuls, per-ch", lambda: OnnxImageEncoder(
-            ort_int8(onnx_path, workdir / "int8-matmul.onnx", "matmul"),
-            options=session_options(t, spinning=False)).encode),
+        (
+            "ORT int8 dyn, MLP MatMuls, per-channel",
+            lambda: (
+                OnnxImageEncoder(
+                    ort_int8(onnx_path, workdir / "int8-mlp.onnx", "mlp"),
+                    options=session_options(t, spinning=False),
+                ).encode
+            ),
+        ),
+        (
+            "ORT int8 dyn, all weight MatMuls, per-ch",
+            lambda: (
+                OnnxImageEncoder(
+                    ort_int8(onnx_path, workdir / "int8-matmul.onnx", "matmul"),
+                    options=session_options(t, spinning=False),
+                ).encode
+            ),
+        ),
     ]
     if importlib.util.find_spec("openvino"):
         options += [
@@ -1049,10 +1058,16 @@ def precision_main(args: argparse.Namespace, files: Sequence[Path], calib_files:
     clip = ClipModel(ModelSpec(args.arch, args.pretrained, device="cpu", precision="fp32", backend="torch"))
     with torch_threads(1), torch.inference_mode():
         pixels = np.stack([clip.preprocess(load_image(f).image).numpy() for f in files])
-        calibration = np.stack([clip.preprocess(load_image(f).image).numpy() for f in calib_files]) if (
-            calib_files) else np.empty((0, *pixels.shape[1:]), np.float32)
-    print(f"data: {len(files)} images (+{len(calibration)} for calibration) from {args.data}; "
-          f"model {args.arch} / {args.pretrained}\n", flush=True)
+        calibration = (
+            np.stack([clip.preprocess(load_image(f).image).numpy() for f in calib_files])
+            if (calib_files)
+            else np.empty((0, *pixels.shape[1:]), np.float32)
+        )
+    print(
+        f"data: {len(files)} images (+{len(calibration)} for calibration) from {args.data}; "
+        f"model {args.arch} / {args.pretrained}\n",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="clipdex-bench-") as tmp:
         workdir = Path(tmp)
         onnx_path = export_image_tower(clip.model, workdir / "vision.onnx", int(pixels.shape[-1]))

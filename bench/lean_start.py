@@ -154,8 +154,10 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     print(f"median of {args.rounds} rounds, {count} photo(s), {args.model} (preliminary):")
     for variant in variants:
         mine = [r for r in runs if r.variant == variant]
-        print(f"  {variant:9s} wall {statistics.median(r.wall for r in mine):6.2f} s  "
-              f"rss {statistics.median(r.rss_mib for r in mine):6.0f} MiB")
+        print(
+            f"  {variant:9s} wall {statistics.median(r.wall for r in mine):6.2f} s  "
+            f"rss {statistics.median(r.rss_mib for r in mine):6.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -49,11 +49,26 @@ DEFAULT_CKPT = "/tmp/clipdex-peers/datadir/ViT-B-32-256-seed0.pt"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 SYNTHETIC_ROOT = "/synthetic"
 TEXTS = (
-    "a dog on a beach", "a red car", "a cat sleeping on a sofa", "mountains at sunset",
-    "a bowl of fruit", "people at a wedding", "a snowy street", "a bird on a branch",
-    "a city skyline at night", "a boat on a lake", "a child playing football", "a plate of pasta",
-    "an old castle", "a field of sunflowers", "a tabby kitten", "a yellow school bus",
-    "a fish in an aquarium", "a forest path in autumn", "a lighthouse", "a birthday cake",
+    "a dog on a beach",
+    "a red car",
+    "a cat sleeping on a sofa",
+    "mountains at sunset",
+    "a bowl of fruit",
+    "people at a wedding",
+    "a snowy street",
+    "a bird on a branch",
+    "a city skyline at night",
+    "a boat on a lake",
+    "a child playing football",
+    "a plate of pasta",
+    "an old castle",
+    "a field of sunflowers",
+    "a tabby kitten",
+    "a yellow school bus",
+    "a fish in an aquarium",
+    "a forest path in autumn",
+    "a lighthouse",
+    "a birthday cake",
 )
 
 # The server child: prints "clipdex: serving DIR at URL" on stderr once it listens.
@@ -82,9 +97,11 @@ class Latency:
     server_cpu_ms: float = 0.0  # the server's CPU time per request: what a busy machine cannot hide
 
     def line(self) -> str:
-        return (f"p50 {self.p50_ms:6.2f} ms  p90 {self.p90_ms:6.2f} ms  p99 {self.p99_ms:6.2f} ms  "
-                f"(mean {self.mean_ms:.2f}, max {self.max_ms:.2f}, {self.requests} requests; "
-                f"server CPU {self.server_cpu_ms:.2f} ms a request)")
+        return (
+            f"p50 {self.p50_ms:6.2f} ms  p90 {self.p90_ms:6.2f} ms  p99 {self.p99_ms:6.2f} ms  "
+            f"(mean {self.mean_ms:.2f}, max {self.max_ms:.2f}, {self.requests} requests; "
+            f"server CPU {self.server_cpu_ms:.2f} ms a request)"
+        )
 
 
 @dataclass
@@ -110,14 +127,26 @@ def index_real_photos(folder: Path, work: Path, index_dir: Path, args: argparse.
     copies.mkdir(parents=True)
     for f in photos:
         shutil.copy2(f, copies / f.name)
-    cmd = [PYTHON, "-m", "cli.main", "index", str(copies), "--index", str(index_dir), "--model", args.model,
-           "--pretrained", args.pretrained, "--json"]
+    cmd = [
+        PYTHON,
+        "-m",
+        "cli.main",
+        "index",
+        str(copies),
+        "--index",
+        str(index_dir),
+        "--model",
+        args.model,
+        "--pretrained",
+        args.pretrained,
+        "--json",
+    ]
     print("indexing:", " ".join(cmd), flush=True)
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.build_timeout)
     if done.returncode != 0:
         raise SystemExit(f"clipdex index failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    summary = json.loads(done.stdout[done.stdout.index("{") :])
     print(f"  {summary.get('added')} photos indexed in {time.perf_counter() - started:.1f} s", flush=True)
 
 
@@ -142,8 +171,17 @@ def add_synthetic_rows(index_dir: Path, total: int, batch: int, seed: int = 0) -
                 vectors = rng.standard_normal((count, dim), dtype=np.float32)
                 vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
                 rows = [
-                    NewImage(f"{SYNTHETIC_ROOT}/{n + i + 1:06d}.jpg", 100_000 + i, 1_600_000_000_000_000_000,
-                             f"{n + i + 1:064x}", 500, 375, "JPEG", None, vectors[i])
+                    NewImage(
+                        f"{SYNTHETIC_ROOT}/{n + i + 1:06d}.jpg",
+                        100_000 + i,
+                        1_600_000_000_000_000_000,
+                        f"{n + i + 1:064x}",
+                        500,
+                        375,
+                        "JPEG",
+                        None,
+                        vectors[i],
+                    )
                     for i in range(count)
                 ]
                 writer.commit(added=rows)
@@ -192,9 +230,14 @@ class Server:
     """`server.app.run` in a child process on 127.0.0.1 and a port the system picks."""
 
     def __init__(self, index_dir: Path, timeout: float, env: dict[str, str] | None = None):
-        self.proc = subprocess.Popen([PYTHON, "-c", _SERVER_CHILD, str(index_dir)], cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, **(env or {})))
+        self.proc = subprocess.Popen(
+            [PYTHON, "-c", _SERVER_CHILD, str(index_dir)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, **(env or {})),
+        )
         self.log: list[str] = []
         self.port = self._wait_for_address(timeout)
         # Keep draining stderr so that the child never blocks on a full pipe.
@@ -312,17 +355,31 @@ def measure(server: Server, real_ids: list[int], args: argparse.Namespace, resul
 
     paths = [search_path(t) for t in texts] + [thumbnail_path(i) for i in thumbs]
     cpu = server.cpu_seconds()
-    report = load_test(server.url, paths, requests=args.load_requests, threads=args.load_threads,
-                       timeout=args.request_timeout)
+    report = load_test(
+        server.url,
+        paths,
+        requests=args.load_requests,
+        threads=args.load_threads,
+        timeout=args.request_timeout,
+    )
     cpu_ms = (server.cpu_seconds() - cpu) * 1000 / args.load_requests
     results.load = {
-        "requests": report.requests, "threads": args.load_threads, "paths": len(paths),
-        "seconds": report.seconds, "throughput_per_s": report.throughput,
-        "p50_ms": report.p50_ms, "p99_ms": report.p99_ms,
-        "errors": len(report.errors), "inconsistent": len(report.inconsistent), "server_cpu_ms": cpu_ms,
+        "requests": report.requests,
+        "threads": args.load_threads,
+        "paths": len(paths),
+        "seconds": report.seconds,
+        "throughput_per_s": report.throughput,
+        "p50_ms": report.p50_ms,
+        "p99_ms": report.p99_ms,
+        "errors": len(report.errors),
+        "inconsistent": len(report.inconsistent),
+        "server_cpu_ms": cpu_ms,
     }
-    print(f"load test          {report.summary()} ({args.load_threads} threads, new connection a request; "
-          f"server CPU {cpu_ms:.2f} ms a request)", flush=True)
+    print(
+        f"load test          {report.summary()} ({args.load_threads} threads, new connection a request; "
+        f"server CPU {cpu_ms:.2f} ms a request)",
+        flush=True,
+    )
     for line in report.errors[:5]:
         print(f"  error: {line}")
 
@@ -330,8 +387,12 @@ def measure(server: Server, real_ids: list[int], args: argparse.Namespace, resul
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path, help="Real photos (the first --real are indexed).")
-    p.add_argument("--work", type=Path, default=Path("/tmp/clipdex-serve-bench"),
-                   help="Where the index is built (under /tmp; removed and rebuilt unless --reuse).")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/clipdex-serve-bench"),
+        help="Where the index is built (under /tmp; removed and rebuilt unless --reuse).",
+    )
     p.add_argument("--reuse", action="store_true", help="Use the index built by an earlier run if complete.")
     p.add_argument("--images", type=int, default=100_000)
     p.add_argument("--real", type=int, default=60)
@@ -347,8 +408,13 @@ def main() -> None:
     p.add_argument("--request-timeout", type=float, default=30.0)
     p.add_argument("--build-timeout", type=float, default=900.0)
     p.add_argument("--start-timeout", type=float, default=300.0)
-    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                   help="An environment variable for the server only (repeatable), e.g. OMP_NUM_THREADS=1.")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="An environment variable for the server only (repeatable), e.g. OMP_NUM_THREADS=1.",
+    )
     p.add_argument("--json", type=Path, help="Write the raw figures here.")
     args = p.parse_args()
     work = args.work.resolve()
@@ -357,16 +423,18 @@ def main() -> None:
     if not 1 <= args.texts <= len(TEXTS):
         raise SystemExit(f"--texts: 1 to {len(TEXTS)}")
     if not Path(args.pretrained).exists() and args.pretrained != "random":
-        raise SystemExit(f"{args.pretrained} is missing: bash ../shared/peers/rclip_offline.sh "
-                         f"/tmp/clipdex-peers {PYTHON}")
+        raise SystemExit(
+            f"{args.pretrained} is missing: bash ../shared/peers/rclip_offline.sh /tmp/clipdex-peers {PYTHON}"
+        )
 
     index_dir = work / "index"
     facts: tuple[dict, list[int]] | None = None
     if args.reuse and (index_dir / "catalog.sqlite").exists():
         facts = index_facts(index_dir)
         if facts[0]["images"] != args.images or facts[0]["real_photos"] < args.thumb_images:
-            print(f"--reuse: {index_dir} holds {facts[0]['images']:,} images, not {args.images:,}: "
-                  "rebuilding")
+            print(
+                f"--reuse: {index_dir} holds {facts[0]['images']:,} images, not {args.images:,}: rebuilding"
+            )
             facts = None
     if facts is None:
         build_index(args, index_dir)
@@ -375,11 +443,15 @@ def main() -> None:
     shutil.rmtree(index_dir / "thumbnails", ignore_errors=True)
     results = Results(machine_facts(), facts[0])
     machine = results.machine
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
-          f"load average {machine['load_average']}")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
+        f"load average {machine['load_average']}"
+    )
     size_mib = sum(results.index["bytes"].values()) / 2**20
-    print(f"index: {results.index['images']:,} images ({results.index['real_photos']} real photos), "
-          f"{results.index['dim']} dimensions, {results.index['model']}, {size_mib:.0f} MiB in {index_dir}")
+    print(
+        f"index: {results.index['images']:,} images ({results.index['real_photos']} real photos), "
+        f"{results.index['dim']} dimensions, {results.index['model']}, {size_mib:.0f} MiB in {index_dir}"
+    )
 
     started = time.perf_counter()
     if any("=" not in kv for kv in args.server_env):
@@ -394,8 +466,10 @@ def main() -> None:
     finally:
         server.stop()
     results.machine["load_average_at_end"] = list(os.getloadavg())
-    print(f"server peak RSS {results.server_rss_mib:.0f} MiB; load average at the end "
-          f"{results.machine['load_average_at_end']} (preliminary: a shared machine)")
+    print(
+        f"server peak RSS {results.server_rss_mib:.0f} MiB; load average at the end "
+        f"{results.machine['load_average_at_end']} (preliminary: a shared machine)"
+    )
     if args.json:
         args.json.write_text(json.dumps(asdict(results), indent=2) + "\n")
 

@@ -214,8 +214,10 @@ def _print_skipped(skipped: list[tuple[str, str]], shown: int = 5) -> None:
     if not skipped:
         return
     n = len(skipped)
-    what = "1 folder could not be read and was skipped (its" if n == 1 else (
-        f"{n} folders could not be read and were skipped (their"
+    what = (
+        "1 folder could not be read and was skipped (its"
+        if n == 1
+        else (f"{n} folders could not be read and were skipped (their")
     )
     print(f"{what} indexed photos are kept):", file=sys.stderr)
     for path, reason in skipped[:shown]:
@@ -591,6 +593,11 @@ def info(index_dir: IndexOpt = None, json_: JsonOpt = False) -> None:
     print(f"images:   {facts.images}")
     print(f"on disk:  {human_bytes(facts.bytes_on_disk)}")
     print(f"updated:  {updated}")
+    if facts.vector_index == "Flat":
+        print("search:   exact (Flat)")
+    elif facts.vector_index:
+        recall = "not measured" if facts.recall_at_10 is None else f"{facts.recall_at_10:.3f}"
+        print(f"search:   approximate {facts.vector_index}, nprobe {facts.nprobe}, recall@10 {recall}")
 
 
 @app.command()
@@ -695,6 +702,10 @@ from . import quality_commands  # noqa: E402  (after `app`: these commands live 
 
 app.command("eval")(quality_commands.eval_command)
 app.command("tune")(quality_commands.tune_command)
+
+from . import optimize_commands  # noqa: E402
+
+app.command("optimize")(optimize_commands.optimize_command)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ class IndexOptions:
     decode_timeout: float = 60.0
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     reindex: bool = False
-    checkpoint_seconds: float = 60.0
+    save_after_changes: int | None = None  # FAISS file rewrite rule: None the store's (IndexWriter)
     # --exclude: replaces the patterns remembered for these roots ('' entries dropped, so [''] clears
     # them); None uses the remembered ones.
     excludes: tuple[str, ...] | None = None
@@ -113,7 +113,7 @@ def index_folders(
         recorded = None if raw is None else ModelSignature.from_dict(raw)
         if recorded is not None and not opts.reindex:  # cheap: before any model is loaded
             check_spec_matches(recorded, spec, f"index {directory}")
-        with IndexWriter(VectorStore(directory, catalog), opts.checkpoint_seconds) as writer:
+        with IndexWriter(VectorStore(directory, catalog), opts.save_after_changes) as writer:
             # The model costs seconds to load: a run with nothing to embed never loads it.
             clip = model if isinstance(model, IMAGE_MODEL_TYPES) else None
             if clip is None and (recorded is None or opts.reindex):

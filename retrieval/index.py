@@ -26,7 +26,9 @@ from retrieval.search import duplicates, zeroshot
 from retrieval.search.query import Query
 from retrieval.search.query_vectors import embed_labels, query_vector
 from retrieval.search.ranking import Cutoffs, search_page, top_hits
+from retrieval.storage import index_rules
 from retrieval.storage.catalog import Catalog, open_catalog
+from retrieval.storage.optimize import OptimizeReport, optimize, vector_index_facts
 from retrieval.storage.records import ImageRecord
 from retrieval.storage.vector_store import VectorStore
 from retrieval.storage.verify import VerifyReport, verify_index
@@ -46,6 +48,9 @@ class IndexInfo:
     bytes_on_disk: int
     updated_at: float | None
     index_id: str | None = None
+    vector_index: str | None = None  # "Flat" (exact) or the ANN index's factory, e.g. "IVF4096,PQ64"
+    nprobe: int | None = None  # lists an ANN search scans
+    recall_at_10: float | None = None  # against exact search, measured when the index was built
 
 
 class ImageIndex:
@@ -330,7 +335,23 @@ class ImageIndex:
             bytes_on_disk=size,
             updated_at=float(updated) if updated else None,
             index_id=self.catalog.get_meta("index_id"),
+            **vector_index_facts(self.store),
         )
+
+    def optimize(
+        self,
+        *,
+        max_memory: int = index_rules.DEFAULT_MAX_MEMORY,
+        target_recall: float = index_rules.DEFAULT_TARGET_RECALL,
+        exact_below: int = index_rules.EXACT_BELOW,
+    ) -> OptimizeReport:
+        """Build the vector index the rules choose for this size (exact below `exact_below`
+        vectors, else IVF), measure its recall@10, record both; as the index's writer."""
+        report = optimize(
+            self.store, max_memory=max_memory, target_recall=target_recall, exact_below=exact_below
+        )
+        self.store.reset()
+        return report
 
     def records(self, ids: Sequence[int] | None = None) -> dict[int, ImageRecord]:
         return self.catalog.records(ids)

@@ -105,10 +105,19 @@ def test_failed_batch_leaves_nothing(catalog):
 
 def test_exception_inside_a_write_rolls_back(catalog):
     with pytest.raises(RuntimeError), catalog._write() as conn:
-        conn.execute(insert(ImageRow).values(
-            path="/p.jpg", size=1, mtime_ns=1, content_hash="h", width=1, height=1,
-            format=None, taken_at=None, indexed_at=0.0,
-        ))
+        conn.execute(
+            insert(ImageRow).values(
+                path="/p.jpg",
+                size=1,
+                mtime_ns=1,
+                content_hash="h",
+                width=1,
+                height=1,
+                format=None,
+                taken_at=None,
+                indexed_at=0.0,
+            )
+        )
         raise RuntimeError("boom")
     assert catalog.count() == 0
     (row_id,) = catalog.commit_changes(added=[new("/p.jpg", 0)])

@@ -29,9 +29,7 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ)  # CLIPDEX_CACHE / CLIPDEX_INDEX point at the session's tmp dirs
     env["PYTHONIOENCODING"] = "utf-8"
     env["OMP_NUM_THREADS"] = "1"  # several run at once on few cores; the tiny model needs no threads
-    return subprocess.Popen(
-        CLIPDEX + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    return subprocess.Popen(CLIPDEX + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -68,10 +66,12 @@ def cli(tmp_path_factory, tiny_checkpoint, other_checkpoint):
     data_index = work / "data-index"
     data_before = sorted(DATA.iterdir())
     samples = start(["index", str(DATA), "--index", str(data_index), *model, "--json"], work)
-    indexed = finish(start(
-        ["index", str(photos), "--index", str(index_dir), *model, "--errors", str(errors_file), "--json"],
-        work,
-    ))
+    indexed = finish(
+        start(
+            ["index", str(photos), "--index", str(index_dir), *model, "--errors", str(errors_file), "--json"],
+            work,
+        )
+    )
     samples_indexed = finish(samples)
     query = str(good[2])
     at = ["--index", str(index_dir)]
@@ -84,10 +84,24 @@ def cli(tmp_path_factory, tiny_checkpoint, other_checkpoint):
         "info": ["info", *at, "--json"],
         "again_without_model": ["index", str(photos), *at, *cpu, "--json"],
         "mismatch": [
-            "index", str(photos), "--index", str(index_dir), "-m", TINY_ARCH, "-p", str(other_checkpoint)
+            "index",
+            str(photos),
+            "--index",
+            str(index_dir),
+            "-m",
+            TINY_ARCH,
+            "-p",
+            str(other_checkpoint),
         ],
         "data_similar": [
-            "similar", str(DATA / "sun_over_field.jpg"), "--index", str(data_index), "-k", "3", "--json", *cpu
+            "similar",
+            str(DATA / "sun_over_field.jpg"),
+            "--index",
+            str(data_index),
+            "-k",
+            "3",
+            "--json",
+            *cpu,
         ],
     }
     procs = {name: start(args, work) for name, args in runs.items()} if indexed.returncode == 0 else {}

@@ -101,15 +101,31 @@ def test_scan_obeys_nested_clipdexignore_files(tmp_path):
     touch(root / ".clipdexignore", b"*.png\n!keep.png\nraw/\n")
     touch(root / "sub" / ".clipdexignore", b"!c.png\n/only-here.jpg\n")
     for name in [
-        "a.png", "keep.png", "b.jpg", "only-here.jpg", "raw/x.jpg", "sub/raw/y.jpg",
-        "sub/c.png", "sub/d.png", "sub/only-here.jpg", "sub/deeper/c.png", "sub/deeper/e.png",
+        "a.png",
+        "keep.png",
+        "b.jpg",
+        "only-here.jpg",
+        "raw/x.jpg",
+        "sub/raw/y.jpg",
+        "sub/c.png",
+        "sub/d.png",
+        "sub/only-here.jpg",
+        "sub/deeper/c.png",
+        "sub/deeper/e.png",
         "raw.jpg",
     ]:
         touch(root / name)
     files = scanned_files(root)
-    assert rel(root, files) == sorted([
-        "keep.png", "b.jpg", "only-here.jpg", "raw.jpg", "sub/c.png", "sub/deeper/c.png",
-    ])
+    assert rel(root, files) == sorted(
+        [
+            "keep.png",
+            "b.jpg",
+            "only-here.jpg",
+            "raw.jpg",
+            "sub/c.png",
+            "sub/deeper/c.png",
+        ]
+    )
 
 
 def test_excluded_folders_are_not_entered(tmp_path, monkeypatch):
@@ -228,12 +244,24 @@ def test_index_command_takes_and_remembers_exclude(tmp_path, tiny_checkpoint):
     script = Path(sys.executable).with_name("clipdex")
     clipdex = [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
-    args = ["index", str(photos), "--index", str(tmp_path / "index"), "-m", TINY_ARCH,
-            "-p", str(tiny_checkpoint), "--device", "cpu", "--json"]
+    args = [
+        "index",
+        str(photos),
+        "--index",
+        str(tmp_path / "index"),
+        "-m",
+        TINY_ARCH,
+        "-p",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+        "--json",
+    ]
 
     def run(*extra: str) -> dict:
-        done = subprocess.run(clipdex + args + list(extra), env=env, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            clipdex + args + list(extra), env=env, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 

@@ -254,7 +254,10 @@ def test_progress_counts_every_kind_of_file_once(tmp_path, tiny_clip_model):
         (photos / f"broken{i}.jpg").write_text("not a picture")
     reports: list[tuple[int, int]] = []
     summary = index_folders(
-        [photos], index_dir, tiny_clip_model, IndexOptions(batch_size=3),
+        [photos],
+        index_dir,
+        tiny_clip_model,
+        IndexOptions(batch_size=3),
         progress=lambda d, t: reports.append((d, t)),
     )
     assert (summary.added, summary.unchanged, len(summary.failed)) == (4, 5, 5)

@@ -179,8 +179,9 @@ def test_plan_each_vanished_row_moves_at_most_once():
     scanned = [FileInfo("/r/copy1.jpg", 10, 1), FileInfo("/r/copy2.jpg", 10, 1)]
     plan = make_plan(scanned, existing, hash_file=lambda p: "same")
     assert len(plan.moves) == 1 and plan.moves[0].id == 1
-    assert [j.info.path for j in plan.jobs] == [p for p in ("/r/copy1.jpg", "/r/copy2.jpg")
-                                               if p != plan.moves[0].path]
+    assert [j.info.path for j in plan.jobs] == [
+        p for p in ("/r/copy1.jpg", "/r/copy2.jpg") if p != plan.moves[0].path
+    ]
     assert plan.removed == []
 
 
@@ -260,8 +261,12 @@ def test_plan_keeps_rows_under_folders_that_could_not_be_listed():
     }
     failures = {"/r/locked/bad.jpg": FailureRecord("/r/locked/bad.jpg", 1, 1, "not an image")}
     skipped = [SkippedFolder("/r/locked", "permission denied"), SkippedFolder("/other-root", "i/o error")]
-    plan = make_plan([skipped[0], FileInfo("/r/new.jpg", 11, 1), skipped[1]], existing, failures=failures,
-                     hash_file=lambda path: "h")
+    plan = make_plan(
+        [skipped[0], FileInfo("/r/new.jpg", 11, 1), skipped[1]],
+        existing,
+        failures=failures,
+        hash_file=lambda path: "h",
+    )
     assert plan.removed == [3, 5]
     assert plan.moves == []  # /r/new.jpg has the bytes of /r/locked/a.jpg, which was not seen gone
     assert plan.forget_failures == []

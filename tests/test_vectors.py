@@ -253,8 +253,9 @@ def test_writer_commit_without_reconcile_keeps_faiss_equal_to_catalog(index_dir,
     vecs = unit_rows(3, dim=64)
     with IndexWriter(store) as writer:
         writer.bind_signature(tiny_clip_model.signature.to_dict())
-        ids = writer.commit(added=[NewImage(f"/x/{i}.jpg", 1, 1, f"h{i}", 1, 1, None, None, vecs[i])
-                                   for i in range(3)])
+        ids = writer.commit(
+            added=[NewImage(f"/x/{i}.jpg", 1, 1, f"h{i}", 1, 1, None, None, vecs[i]) for i in range(3)]
+        )
     assert store.faiss.ntotal == catalog.count() == 3
     hits = top_hits(store, vecs[0], k=3)
     assert [h.id for h in hits][0] == ids[0] and len({h.id for h in hits}) == 3

@@ -72,8 +72,10 @@ class ModelManifest:
     def usable_without_torch(self) -> bool:
         """An index run needs nothing else: the image tower, and the text tower (or the
         knowledge that this model has none to offer) for a new index."""
-        return self.image_onnx.is_file() and self.text_known and (
-            self.text_onnx is None or self.text_onnx.is_file()
+        return (
+            self.image_onnx.is_file()
+            and self.text_known
+            and (self.text_onnx is None or self.text_onnx.is_file())
         )
 
 

@@ -5,6 +5,10 @@ FAISS `range_search` on the flat inner-product index finds, for each vector, all
 scoring above the threshold (exact, no approximation). The pairs are the edges of a graph; a
 union-find turns it into groups, so A~B and B~C put A, B, C in one group even when A and C
 score lower (`min_score` says how far apart the loosest two members are).
+
+With an approximate (IVF) index, built by `clipdex optimize` for large libraries, a quadratic
+range search is what must be avoided: `ann_pairs` builds a k-nearest-neighbour graph through the
+index instead and checks every candidate pair's cosine exactly from the catalog.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrieval.core.errors import ClipdexError
+from retrieval.storage.ann import AnnIndex
+from retrieval.storage.catalog import decode_vectors
 from retrieval.storage.vector_store import VectorStore
 
 DEFAULT_THRESHOLD = 0.95
+KNN = 16  # neighbours asked per vector when the index is approximate
+ANN_SLACK = 0.05  # code scores err by ~0.01-0.03 (PQ): candidates this far below are checked
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,47 @@ def similar_pairs(
     return [(a, b, s) for (a, b), s in best.items()]
 
 
+def ann_pairs(
+    store: VectorStore, index: AnnIndex, threshold: float, neighbours: int = KNN, batch: int = 4096
+) -> list[tuple[int, int, float]]:
+    """`similar_pairs` through an ANN index: a k-nearest-neighbour graph instead of a range search
+    (IVF codes give no exact radius). Each stored vector, read in id order from the catalog,
+    asks the index for its `neighbours` best candidates; those whose code score comes within
+    ANN_SLACK of the threshold are scored again exactly from the catalog and kept above it.
+    A group larger than `neighbours` stays connected through its members' own lists (union-
+    find). Approximate, like the search: a pair both missed by the probed lists and below the
+    slack is not found; the recall is the index's (clipdex info)."""
+    best: dict[tuple[int, int], float] = {}
+    dim = index.dim
+    for chunk_ids, blobs in store.catalog.iter_embedding_blobs(batch=batch):
+        q = decode_vectors(blobs, dim)
+        approx, found = index.search(q, neighbours + 1)
+        close = (approx >= threshold - ANN_SLACK) & (found >= 0) & (found != chunk_ids[:, None])
+        rows, cols = np.nonzero(close)
+        if len(rows) == 0:
+            continue
+        others, other_vecs = store.catalog.stored_vectors(np.unique(found[rows, cols]).tolist(), dim)
+        where = {int(i): n for n, i in enumerate(others.tolist())}
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            a, b = int(chunk_ids[r]), int(found[r, c])
+            if b not in where:  # deleted since the index was loaded
+                continue
+            s = float(np.dot(q[r].astype(np.float64), other_vecs[where[b]].astype(np.float64)))
+            key = (a, b) if a < b else (b, a)
+            if s > threshold and s > best.get(key, -np.inf):
+                best[key] = s
+    return [(a, b, s) for (a, b), s in best.items()]
+
+
+def _rows_of(ids: np.ndarray, vecs: np.ndarray):  # type: ignore[no-untyped-def]
+    position = {int(i): n for n, i in enumerate(ids.tolist())}
+    return lambda group_ids: vecs[[position[i] for i in group_ids]]
+
+
+def _catalog_rows(store: VectorStore, dim: int):  # type: ignore[no-untyped-def]
+    return lambda group_ids: store.catalog.stored_vectors(group_ids, dim)[1]
+
+
 def find_duplicates(store: VectorStore, threshold: float = DEFAULT_THRESHOLD) -> list[DuplicateGroup]:
     """Groups of images whose pairwise cosine exceeds `threshold`, largest group first (then by
     best score, then by smallest id)."""
@@ -91,8 +140,13 @@ def find_duplicates(store: VectorStore, threshold: float = DEFAULT_THRESHOLD) ->
     ids = faiss.ids()
     if len(ids) < 2:
         return []
-    vecs = faiss.reconstruct_all()
-    pairs = similar_pairs(ids, vecs, faiss.index, threshold)
+    if isinstance(faiss, AnnIndex):
+        pairs = ann_pairs(store, faiss, threshold)
+        vectors_of = _catalog_rows(store, faiss.dim)
+    else:
+        vecs = faiss.reconstruct_all()
+        pairs = similar_pairs(ids, vecs, faiss.index, threshold)
+        vectors_of = _rows_of(ids, vecs)
     if not pairs:
         return []
     position = {int(i): n for n, i in enumerate(ids.tolist())}
@@ -114,7 +168,7 @@ def find_duplicates(store: VectorStore, threshold: float = DEFAULT_THRESHOLD) ->
     groups = []
     for root, group_ids in members.items():
         group_ids.sort()
-        rows = vecs[[position[i] for i in group_ids]].astype(np.float64)
+        rows = vectors_of(group_ids).astype(np.float64)
         lo, hi = _min_max_pairwise(rows)
         group_edges = sorted(edges[root], key=lambda e: (-e[2], e[0], e[1]))
         groups.append(

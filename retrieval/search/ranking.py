@@ -1,4 +1,5 @@
-"""Ranked hits from a query vector: FAISS's top-k, checked against the catalog, cut and paged."""
+"""Ranked hits from a query vector: the vector store's top-k (exact cosines, whether the index is
+flat or approximate), checked against the catalog, cut and paged."""
 
 from __future__ import annotations
 
@@ -32,16 +33,17 @@ def top_hits(
     if not np.isfinite(norm) or norm == 0.0:
         raise ClipdexError("query vector is zero or not finite")
     q = q / norm
-    faiss = store.faiss
+    ntotal = store.faiss.ntotal
     excluded = set(exclude_ids)
     want = k + len(excluded)
     while True:
-        scores, ids = faiss.search(q, want, allowed_ids)
+        # Exact cosines in both modes: an ANN index's candidates are re-scored from the catalog.
+        scores, ids = store.search(q, want, allowed_ids)
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in excluded]
         records = store.catalog.records([i for _, i in pairs])
         # Never trust a FAISS id without its catalog row (deleted since this reader loaded).
         kept = [(s, i) for s, i in pairs if i in records]
-        exhausted = len(ids[0]) < want or ids[0][-1] < 0 or want >= faiss.ntotal
+        exhausted = len(ids[0]) < want or ids[0][-1] < 0 or want >= ntotal
         if len(kept) >= k or exhausted:
             break
         want *= 2

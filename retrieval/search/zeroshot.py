@@ -115,14 +115,11 @@ def classify(
 
     Each image keeps its `top` most probable labels (all with None) at or above
     `min_probability`."""
-    faiss = store.faiss
-    ids = faiss.ids()
-    order = np.argsort(ids, kind="stable")
-    ids = ids[order]
+    ids, all_vecs = store.exact_vectors()  # exact whether the index is flat or approximate
     keep = np.ones(len(ids), dtype=bool)
     if filters is not None and not filters.empty:
         keep = np.isin(ids, store.catalog.select_ids(filters))
-    all_vecs = faiss.reconstruct_all()[order][keep]
+    all_vecs = all_vecs[keep]
     ids = ids[keep]
     records = store.catalog.records(ids.tolist())
     n_top = len(labels) if top is None else max(0, min(int(top), len(labels)))

@@ -8,6 +8,12 @@ the catalog by adding and removing the ids that differ.
 The file is FAISS's own serialisation followed by a small trailer, the Stamp: which catalog,
 model and commit the vectors reflect. FAISS readers stop at the end of the index and ignore it,
 so the file stays readable (and memory-mappable) by FAISS itself.
+
+A flat index is loaded memory-mapped (where /proc/self/fd lets it map the very file whose stamp
+was read): opening costs no read at all, and the pages are the OS's file cache, shared by every
+reader. A mapped index is read-only to FAISS (a write to it aborts the process), so the first
+change copies it once into memory of its final size (`_materialize`, the rows removed left out,
+the rows added appended): mutate it only through `add`, `remove` and `apply`.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import faiss
 import numpy as np
@@ -27,6 +34,10 @@ from retrieval.core.errors import IndexWriteError
 
 FAISS_FILE = "vectors.faiss"
 _TRAILER_MAGIC = b"clipdex-stamp-v1"  # 16 bytes, the file's very end
+_MAX_STAMP = 4096  # a stamp's JSON is ~150 bytes: the tail read to find it
+_READ_CHUNK = 1 << 22
+_FD_DIR = Path("/proc/self/fd")  # a path that opens this process's open file (Linux)
+_COPY_ROWS = 65536  # rows per chunk when an index is copied (bounds the temporaries)
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,16 @@ class Stamp:
             sort_keys=True,
         ).encode()
         return body + len(body).to_bytes(8, "little") + _TRAILER_MAGIC
+
+    @classmethod
+    def read(cls, f: BinaryIO) -> Stamp | None:
+        """The stamp at the end of an open file (its position is left at the start)."""
+        size = os.fstat(f.fileno()).st_size
+        tail = min(size, _MAX_STAMP)
+        f.seek(size - tail)
+        stamp = cls.from_file_bytes(np.frombuffer(f.read(tail), dtype=np.uint8))
+        f.seek(0)
+        return stamp
 
     @classmethod
     def from_file_bytes(cls, data: np.ndarray) -> Stamp | None:
@@ -86,17 +107,84 @@ class FaissIndex:
         return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
 
     @classmethod
-    def load(cls, path: Path, dim: int) -> FaissIndex | None:
+    def from_batches(
+        cls, dim: int, count: int, batches: Iterable[tuple[np.ndarray, np.ndarray]]
+    ) -> FaissIndex:
+        """A flat index of exactly `count` vectors, written in place batch by batch: the vectors
+        are held once (adding batch by batch would grow FAISS's buffer by copies)."""
+        flat = faiss.IndexFlatIP(dim)
+        out = cls(faiss.IndexIDMap2(flat))
+        flat.codes.resize(count * dim * 4)
+        vectors = faiss.rev_swig_ptr(flat.codes.data(), count * dim * 4).view(np.float32).reshape(count, dim)
+        out.index.id_map.resize(count)
+        ids = faiss.rev_swig_ptr(out.index.id_map.data(), count).view(np.int64)
+        filled = 0
+        for batch_ids, batch_vectors in batches:
+            end = filled + len(batch_ids)
+            if end > count:
+                raise ValueError(f"more than the {count} vectors announced")
+            ids[filled:end] = batch_ids
+            vectors[filled:end] = batch_vectors
+            filled = end
+        if filled != count:
+            raise ValueError(f"{filled} vectors where {count} were announced")
+        flat.ntotal = out.index.ntotal = count
+        out.index.construct_rev_map()
+        return out
+
+    @classmethod
+    def load(cls, path: Path, dim: int, *, mmap: bool = True) -> FaissIndex | None:
         """The saved index with its stamp, or None when it is missing, unreadable or of another
-        dimension."""
+        dimension. Index and stamp come from one open file (a writer may rename a new one in),
+        read straight into FAISS's buffers (no second copy of the file in memory)."""
         try:
-            data = np.fromfile(path, dtype=np.uint8)
-            index = faiss.deserialize_index(data)
+            with open(path, "rb", buffering=0) as f:
+                stamp = Stamp.read(f)
+                index = _read_index(f, mmap=mmap)
         except (OSError, RuntimeError, ValueError):
             return None
         if index.d != dim or not isinstance(index, faiss.IndexIDMap2):
             return None
-        return cls(index, Stamp.from_file_bytes(data))
+        return cls(index, stamp)
+
+    @property
+    def mapped(self) -> bool:
+        """The vectors are a read-only view of the file (see the module's docstring)."""
+        inner = faiss.downcast_index(self.index.index)
+        return isinstance(inner, faiss.IndexFlatCodes) and not inner.codes.is_owned
+
+    def apply(self, removed: np.ndarray, added: np.ndarray, vectors: np.ndarray) -> int:
+        """Remove, then add (an id in both ends up with its new vector); returns how many were
+        removed. A mapped index is copied once, straight to its new size."""
+        if self.mapped:
+            return self._materialize(removed, added, vectors)
+        count = self.remove(removed)
+        self.add(added, vectors)
+        return count
+
+    def _materialize(self, removed: np.ndarray, added: np.ndarray, vectors: np.ndarray) -> int:
+        """The mapped index, minus `removed`, plus `added`, as an index in memory of its own."""
+        ids = self.ids()
+        keep = ~np.isin(ids, removed) if len(removed) else np.ones(len(ids), dtype=bool)
+        inner = faiss.downcast_index(self.index.index)
+        n, dim = self.ntotal, self.dim
+        mapped = faiss.rev_swig_ptr(inner.codes.data(), n * dim * 4).view(np.float32).reshape(n, dim)
+        added = np.ascontiguousarray(added, dtype=np.int64)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(added), dim)
+
+        def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for at in range(0, n, _COPY_ROWS):
+                rows = slice(at, at + _COPY_ROWS)
+                part = keep[rows]
+                if part.all():  # views of the file: copied once, straight into place
+                    yield ids[rows], mapped[rows]
+                else:
+                    yield ids[rows][part], mapped[rows][part]
+            yield added, vectors
+
+        kept = int(keep.sum())
+        self.index = FaissIndex.from_batches(dim, kept + len(added), batches()).index
+        return n - kept
 
     @property
     def dim(self) -> int:
@@ -119,12 +207,19 @@ class FaissIndex:
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids) == 0:
             return
+        if self.mapped:
+            self._materialize(np.empty(0, np.int64), ids, vectors)
+            return
         vecs = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
         self.index.add_with_ids(vecs, np.ascontiguousarray(ids, dtype=np.int64))
 
     def remove(self, ids: np.ndarray) -> int:
         if len(ids) == 0:
             return 0
+        if self.mapped:
+            return self._materialize(
+                np.asarray(ids, dtype=np.int64), np.empty(0, np.int64), np.empty((0, self.dim))
+            )
         return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
 
     def search(
@@ -149,14 +244,14 @@ class FaissIndex:
             return self.index.search(q, k, params=params)
 
     def save(self, path: Path, stamp: Stamp | None = None) -> None:
-        """Write atomically: a temporary file in the same directory, fsync, rename, fsync dir."""
-        data = faiss.serialize_index(self.index)
+        """Write atomically: a temporary file in the same directory, fsync, rename, fsync dir.
+        FAISS writes straight into the file (no serialised copy of the index in memory)."""
         directory = path.parent
         tmp_name = None
         try:
             fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
             with os.fdopen(fd, "wb") as f:
-                f.write(memoryview(data))
+                _write_index(self.index, f)
                 if stamp is not None:
                     f.write(stamp.to_bytes())
                 f.flush()
@@ -179,6 +274,40 @@ class FaissIndex:
 
 
 _FEW_QUERIES = 4
+
+
+def _write_index(index: faiss.Index, f: BinaryIO) -> None:
+    """FAISS's serialisation into `f`; the OSError of a failed write (a full disk) comes through
+    as itself, not as the RuntimeError FAISS wraps it in."""
+    failure: list[OSError] = []
+
+    def write(data: bytes) -> int:
+        try:
+            return f.write(data) or 0
+        except OSError as exc:
+            failure.append(exc)
+            raise
+
+    try:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+    except RuntimeError:
+        if failure:
+            raise failure[0] from None
+        raise
+
+
+def _read_index(f: BinaryIO, *, mmap: bool) -> faiss.Index:
+    """The index in the open file `f`: mapped where the OS lets FAISS open this very file again
+    and the index is a flat one (the only kind `_materialize` copies), else read into memory."""
+    if mmap and _FD_DIR.is_dir():
+        index = faiss.read_index(str(_FD_DIR / str(f.fileno())), faiss.IO_FLAG_MMAP_IFC)
+        if (
+            isinstance(index, faiss.IndexIDMap2)
+            and type(faiss.downcast_index(index.index)) is faiss.IndexFlatIP
+        ):
+            return index
+        f.seek(0)
+    return faiss.read_index(faiss.PyCallbackIOReader(f.read, _READ_CHUNK))
 
 
 @contextlib.contextmanager
@@ -205,7 +334,18 @@ def reconcile(index: FaissIndex, catalog_ids: np.ndarray, fetch) -> ReconcileRep
     have = index.ids()
     extra = np.setdiff1d(have, catalog_ids, assume_unique=True)
     missing = np.setdiff1d(catalog_ids, have, assume_unique=True)
-    index.remove(extra)
-    if len(missing):
-        index.add(missing, fetch(missing.tolist()))
+    vectors = fetch(missing.tolist()) if len(missing) else np.empty((0, index.dim), np.float32)
+    apply_to(index, extra, missing, vectors)
     return ReconcileReport(added=len(missing), removed=len(extra))
+
+
+def apply_to(index, removed: np.ndarray, added: np.ndarray, vectors: np.ndarray) -> ReconcileReport:  # type: ignore[no-untyped-def]
+    """Removals, then additions, on a FaissIndex (one copy of a mapped one) or any index with
+    `remove` and `add` (an id in both ends up with its new vector)."""
+    apply = getattr(index, "apply", None)
+    if apply is not None:
+        count = apply(removed, added, vectors)
+    else:
+        count = index.remove(removed)
+        index.add(added, vectors)
+    return ReconcileReport(added=len(added), removed=int(count))

@@ -1,10 +1,19 @@
 """The catalog's tables (SQLAlchemy 2.x models) and how a catalog file is made or upgraded.
 
 `images` holds one row per image; `vectors` one float32 unit vector per (image, model), narrow
-rows apart from the metadata; `models` the active model and at most one pending (a reindex being
-built); `tags` zero-shot labels; `commits` the history (a generation and a random nonce per
-write that changes what a search sees); `failures` files that could not be indexed; `meta` the
-schema version and the index identity. Vectors and tags cascade with their image row.
+rows apart from the metadata, each with the commit generation that wrote it; `removals` the
+vectors deleted since, logged by a trigger in the deleting transaction (cascades included), so
+that a FAISS cache stamped at generation g catches up by reading only what changed after g;
+`models` the active model and at most one pending (a reindex being built); `tags` zero-shot
+labels; `commits` the history (a generation and a random nonce per write that changes what a
+search sees); `failures` files that could not be indexed; `meta` the schema version, the index
+identity and `changes_from` (the oldest generation the change log covers). Vectors and tags
+cascade with their image row.
+
+Schema 3 added `vectors.generation`, `removals` and the filter indexes on `images`; a schema-2
+catalog is upgraded in place (its rows keep a NULL generation, and `changes_from` is the upgrade's
+generation: a cache stamped before it falls back to a full id diff once), a schema-1 catalog
+(clipdex 0.1) through the same steps.
 """
 
 from __future__ import annotations
@@ -26,12 +35,16 @@ from sqlalchemy import (
     delete,
     insert,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# meta key: the change log (vectors.generation, removals) is complete for every generation
+# after this one; catching up from an older stamp needs the full id diff.
+CHANGES_FROM = "changes_from"
 ACTIVE, PENDING = "active", "pending"
 
 
@@ -52,9 +65,17 @@ class Base(DeclarativeBase):
     pass
 
 
+# When a photo was taken, or else last changed: what the date filters compare (Catalog.select_ids
+# writes the very same expression, so that SQLite uses the index on it).
+TAKEN_OR_CHANGED = "coalesce(taken_at, mtime_ns / 1e9)"
+
+
 class ImageRow(Base):
     __tablename__ = "images"
-    __table_args__ = {"sqlite_autoincrement": True}
+    __table_args__ = (
+        Index("ix_images_by_date", text(TAKEN_OR_CHANGED)),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     path: Mapped[str] = mapped_column(FsPath, unique=True)
@@ -63,7 +84,7 @@ class ImageRow(Base):
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
-    format: Mapped[str | None] = mapped_column(String(16))
+    format: Mapped[str | None] = mapped_column(String(16), index=True)  # filters
     taken_at: Mapped[float | None] = mapped_column(Float)  # EXIF DateTimeOriginal as unix time
     indexed_at: Mapped[float] = mapped_column(Float)
 
@@ -81,13 +102,52 @@ class ModelRow(Base):
 
 
 class VectorRow(Base):
-    """One float32 unit vector per (image, model): narrow rows, apart from the metadata."""
+    """One float32 unit vector per (image, model): narrow rows, apart from the metadata.
+    `generation`: the commit that wrote it (NULL: written before schema 3), never changed after."""
 
     __tablename__ = "vectors"
+    __table_args__ = (Index("ix_vectors_by_generation", "model_id", "generation"),)
 
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
+    generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class RemovalRow(Base):
+    """A vector deleted by commit `generation`, written by the trigger below (never by hand).
+    No foreign keys: it outlives its rows; trimmed when the cache file is rewritten."""
+
+    __tablename__ = "removals"
+
+    model_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+# A vector inserted without its generation (by any statement that forgets it) gets the latest
+# one: a row without it would look older than every cache and never be caught up.
+_STAMP_INSERTS = """
+CREATE TRIGGER IF NOT EXISTS stamp_vector_generation AFTER INSERT ON vectors
+WHEN new.generation IS NULL
+BEGIN
+    UPDATE vectors SET generation = (SELECT max(generation) FROM commits)
+    WHERE image_id = new.image_id AND model_id = new.model_id;
+END
+"""
+
+# Every deleted vector is logged by the transaction that deletes it, whichever statement did
+# (`DELETE FROM images` cascades here too), under that transaction's generation: writers record
+# their commit before they delete. Vectors deleted with their model are not logged (the model's
+# row is gone first): a cache of a deleted model is never caught up, it is rebuilt.
+_LOG_REMOVALS = """
+CREATE TRIGGER IF NOT EXISTS log_vector_removal AFTER DELETE ON vectors
+WHEN EXISTS (SELECT 1 FROM models WHERE id = old.model_id)
+BEGIN
+    INSERT OR IGNORE INTO removals (model_id, generation, image_id)
+    VALUES (old.model_id, (SELECT max(generation) FROM commits), old.image_id);
+END
+"""
 
 
 class TagRow(Base):
@@ -139,8 +199,12 @@ def insert_model(conn: Connection, signature: dict, state: str) -> int:
     ).scalar_one()
 
 
-def record_commit(conn: Connection) -> None:
-    conn.execute(insert(CommitRow).values(nonce=secrets.token_hex(8), at=time.time()))
+def record_commit(conn: Connection) -> int:
+    """A new generation; call it before the transaction writes or deletes vectors, which are
+    logged under the latest generation."""
+    return conn.execute(
+        insert(CommitRow).values(nonce=secrets.token_hex(8), at=time.time()).returning(CommitRow.generation)
+    ).scalar_one()
 
 
 def set_meta(conn: Connection, key: str, value: str) -> None:
@@ -164,21 +228,39 @@ def _table_exists(conn: Connection, name: str) -> bool:
 
 def create_or_upgrade(conn: Connection) -> None:
     """Inside one write transaction: make a new catalog, add tables a later clipdex introduced,
-    or upgrade a schema-1 catalog (clipdex 0.1) to this schema."""
+    or upgrade a schema-2 catalog, or a schema-1 one (clipdex 0.1), to this schema."""
     version = read_schema_version(conn)
     old = int(version) if version is not None else None
     if old == 1 and _table_exists(conn, "tags"):
         # 0.1's tags had no foreign key: set them aside and copy the live ones below.
         conn.exec_driver_sql("DROP INDEX IF EXISTS ix_tags_label")
         conn.exec_driver_sql("ALTER TABLE tags RENAME TO tags_v1")
-    Base.metadata.create_all(conn)
+    Base.metadata.create_all(conn)  # new tables only: existing ones are altered below
+    if old == 2:  # a column of NULLs: no row is rewritten
+        conn.exec_driver_sql("ALTER TABLE vectors ADD COLUMN generation INTEGER")
+    elif old == 1:
+        _upgrade_from_1(conn)  # its vectors keep a NULL generation too (no trigger yet)
+    present = {
+        name for (name,) in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'")
+    }
+    for table in Base.metadata.sorted_tables:
+        for index in table.indexes:
+            # By name: SQLAlchemy's own check cannot see an index on an expression.
+            if index.name not in present:
+                index.create(conn)
+    conn.exec_driver_sql(_STAMP_INSERTS)
+    conn.exec_driver_sql(_LOG_REMOVALS)
     if old is None:
         set_meta(conn, "schema_version", str(SCHEMA_VERSION))
         set_meta(conn, "created_at", str(time.time()))
         set_meta(conn, "index_id", uuid.uuid4().hex)
-        record_commit(conn)
-    elif old == 1:
-        _upgrade_from_1(conn)
+        set_meta(conn, CHANGES_FROM, str(record_commit(conn)))
+    elif old < SCHEMA_VERSION:
+        set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+        # Rows written before now carry no generation and no removal was logged: only a cache
+        # stamped at this generation or later can catch up from the log. (Building the new
+        # indexes reads the tables once: the upgrade's one cost proportional to the index.)
+        set_meta(conn, CHANGES_FROM, str(record_commit(conn)))
 
 
 def _upgrade_from_1(conn: Connection) -> None:
@@ -198,6 +280,4 @@ def _upgrade_from_1(conn: Connection) -> None:
         )
         sql("DROP TABLE tags_v1")
     sql("DROP TABLE model")
-    set_meta(conn, "schema_version", str(SCHEMA_VERSION))
     set_meta(conn, "index_id", uuid.uuid4().hex)
-    record_commit(conn)

@@ -3,19 +3,49 @@
 The catalog holds every embedding durably; the FAISS file beside it is a cache, stamped with the
 catalog identity, model and commit it reflects (storage.faiss_index.Stamp). Opening trusts the
 file as far as its stamp allows: a file of the catalog's last commit is used as it is, without
-reading a single id; one of an earlier commit of the same catalog is brought up to date by the
-ids that differ (ids are never reused within one catalog's history); any other file (another
-catalog, a restored backup, clipdex 0.1) is never used, and the index is rebuilt from the catalog.
+reading a single id; one of an earlier commit of the same catalog catches up with what changed
+since (Catalog.changes_since: the rows written and the removals logged after its generation,
+read through an index, never all ids); a file older than the change log (written before the
+schema-3 upgrade, or before the log was trimmed) is brought up to date by the ids that differ;
+any other file (another catalog, a restored backup, clipdex 0.1) is never used, and the index is
+rebuilt from the catalog, streamed in id order into a buffer of its final size.
+
+The file is rewritten only when catching up from it would cost more than a small fraction of a
+rewrite (`should_save`): the catalog, not the file, is the durable copy.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from retrieval.core.errors import ClipdexError
 
-from .catalog import Catalog, CatalogState
-from .faiss_index import FAISS_FILE, FaissIndex, ReconcileReport, Stamp, reconcile
+from .ann import AnnIndex, catalog_vectors, load_cache, search_exact
+from .catalog import Catalog, CatalogSnapshot, CatalogState, Changes, decode_vectors
+from .faiss_index import FAISS_FILE, FaissIndex, ReconcileReport, Stamp, apply_to, reconcile
+
+# Rewrite the cache file once it is far enough behind the catalog (vectors removed + added since
+# its stamp) that openers, who catch up by reading each change from SQLite (~10 us a vector
+# against ~3 us to load it from the file, bench/storage_scale.py), would pay more than a small
+# fraction of a full load:
+# - SAVE_FRACTION of the file: an open then costs at most ~1.3x a plain load, and a writer
+#   rewrites the file at most once per 10% of it changed (adding 10k images to a million-image
+#   index rewrites nothing: 20 MB into the catalog instead of 2 GB of FAISS file).
+# - SAVE_MIN_CHANGES, while a run is still committing: a long first run (a million images) would
+#   otherwise rewrite the file at every 10% of growth from its first batch on; 50k changes are
+#   ~0.5 s of catch-up for a reader opening mid-run, and bound the rewrites to one per 50k.
+#   When the writer finishes, the fraction alone decides: a small library ends each run with a
+#   file an opener loads as it is.
+SAVE_FRACTION = 0.10
+SAVE_MIN_CHANGES = 50_000
+
+
+def save_threshold(ntotal: int, *, finishing: bool = False) -> int:
+    """Changes beyond the file's stamp past which the writer rewrites the file."""
+    fraction = int(SAVE_FRACTION * ntotal)
+    return fraction if finishing else max(SAVE_MIN_CHANGES, fraction)
 
 
 def stamp_is_current(stamp: Stamp | None, state: CatalogState) -> bool:
@@ -23,7 +53,7 @@ def stamp_is_current(stamp: Stamp | None, state: CatalogState) -> bool:
     return stamp is not None and stamp == stamp_of(state)
 
 
-def stamp_is_ancestor(stamp: Stamp | None, state: CatalogState, catalog: Catalog) -> bool:
+def stamp_is_ancestor(stamp: Stamp | None, state: CatalogState, catalog: Catalog | CatalogSnapshot) -> bool:
     """The file reflects an earlier commit of this very catalog and model."""
     return (
         stamp is not None
@@ -39,6 +69,11 @@ def stamp_of(state: CatalogState) -> Stamp | None:
     return Stamp(state.index_id, state.model_id, state.generation, state.nonce)
 
 
+def apply_changes(faiss: FaissIndex, changes: Changes) -> ReconcileReport:
+    """Removals first: an id removed and written again after the stamp ends up with its new vector."""
+    return apply_to(faiss, changes.removed, changes.added, changes.vectors)
+
+
 class VectorStore:
     """The searchable embeddings of one index directory: its catalog and its FAISS cache."""
 
@@ -47,6 +82,11 @@ class VectorStore:
         self.catalog = catalog
         self._faiss: FaissIndex | None = None
         self._state: CatalogState | None = None  # the catalog state `_faiss` reflects
+        # The file on disk, as the base of what is in memory: its generation when an opener can
+        # catch up from it through the change log, else None (missing, foreign, or older than
+        # the log: the writer must rewrite it); and how many changes lie between the two.
+        self._file_generation: int | None = None
+        self._unsaved = 0
 
     @property
     def path(self) -> Path:
@@ -70,18 +110,29 @@ class VectorStore:
         return self._faiss
 
     def load(self) -> ReconcileReport:
-        """(Re)load from the file as far as its stamp allows, else rebuild from the catalog."""
-        state = self.catalog.state()
+        """(Re)load from the file as far as its stamp allows, else rebuild from the catalog.
+        The catalog is read in one snapshot, so the index reflects exactly the state recorded."""
         dim = self.dim
-        saved = FaissIndex.load(self.path, dim)
-        if saved is not None and stamp_is_current(saved.stamp, state):
-            self._faiss, self._state = saved, state
-            return ReconcileReport(0, 0)
-        if saved is None or not stamp_is_ancestor(saved.stamp, state, self.catalog):
-            saved = FaissIndex.empty(dim)
-        report = self._reconcile(saved)
-        self._faiss, self._state = saved, state
-        return report
+        saved = load_cache(self.path, dim)  # flat, or the ANN index `clipdex optimize` built
+        with self.catalog.snapshot() as snap:
+            state = snap.state()
+            if saved is None or not (
+                stamp_is_current(saved.stamp, state) or stamp_is_ancestor(saved.stamp, state, snap)
+            ):
+                return self._rebuilt(snap, state, dim)
+            assert saved.stamp is not None
+            base = saved.stamp.generation
+            if base == state.generation:
+                self._use(saved, state, file_generation=base, unsaved=0)
+                return ReconcileReport(0, 0)
+            changes = self._changes(snap, base, state, dim)
+            if changes is None:  # the file is older than the change log: diff all ids, once
+                report = self._reconcile(saved, snap)
+                self._use(saved, state, file_generation=None, unsaved=report.added + report.removed)
+                return report
+            report = apply_changes(saved, changes)
+            self._use(saved, state, file_generation=base, unsaved=changes.count)
+            return report
 
     def refresh(self) -> bool:
         """See what a writer committed since: True when the active model changed (a reindex was
@@ -95,42 +146,118 @@ class VectorStore:
         if state.model_id != self._state.model_id:
             self.reset()
             return True
-        self._reconcile(self._faiss)
+        with self.catalog.snapshot() as snap:
+            state = snap.state()
+            if state.model_id != self._state.model_id:  # swapped in meanwhile
+                self.reset()
+                return True
+            changes = self._changes(snap, self._state.generation, state, self._faiss.dim)
+            if changes is None:
+                report = self._reconcile(self._faiss, snap)
+                self._unsaved += report.added + report.removed
+            else:
+                apply_changes(self._faiss, changes)
+                self._unsaved += changes.count
         self._state = state
         return False
 
     def rebuild(self) -> FaissIndex:
         """A new FAISS index from the catalog's embeddings alone (the file is not read)."""
-        self._faiss, self._state = FaissIndex.empty(self.dim), self.catalog.state()
-        self._reconcile(self._faiss)
+        with self.catalog.snapshot() as snap:
+            self._rebuilt(snap, snap.state(), self.dim)
+        assert self._faiss is not None
         return self._faiss
 
     def reset(self) -> None:
         """Forget the FAISS index in memory; the next use loads it again."""
         self._faiss = self._state = None
+        self._file_generation, self._unsaved = None, 0
 
     def needs_saving(self) -> bool:
-        """The file on disk is not a trusted copy of what is in memory."""
-        return self._faiss is not None and self._faiss.stamp is None
+        """The file on disk is no base an opener can catch up from (missing, rebuilt, foreign,
+        or older than the change log)."""
+        return self._faiss is not None and self._file_generation is None
+
+    @property
+    def unsaved_changes(self) -> int:
+        """Vectors added or removed in memory since the file's stamp: what an opener catches up."""
+        return self._unsaved
+
+    def should_save(self, *, finishing: bool = False) -> bool:
+        """Rewriting the file pays: openers could not catch up from it, or would read more
+        changes than a small fraction of a rewrite (save_threshold; `finishing`: the writer is
+        done)."""
+        if self._faiss is None:
+            return False
+        return self.needs_saving() or self._unsaved > save_threshold(self._faiss.ntotal, finishing=finishing)
+
+    def note_commit(self, changes: int) -> None:
+        """The writer applied its own commit to the index in memory: it now reflects the
+        catalog's last commit (the writer holds the lock: no other commit came between)."""
+        if self._faiss is not None:
+            self._state = self.catalog.state()
+            self._unsaved += changes
 
     def save(self) -> None:
         """Save, stamped with the catalog's current state. Only the writer calls this: it applied
-        every commit since it took the lock, so its FAISS index reflects that state."""
+        every commit since it took the lock, so its FAISS index reflects that state. The removals
+        logged up to the replaced file's stamp are then of no use to any cache file: trimmed."""
         state = self.catalog.state()
         faiss = self.faiss
         stamp = stamp_of(state)
         faiss.save(self.path, stamp)
         faiss.stamp = stamp
-        self._state = state
+        replaced = self._file_generation
+        self._state, self._file_generation, self._unsaved = state, state.generation, 0
+        if replaced is not None:
+            self.catalog.trim_changes(replaced)
 
-    def _reconcile(self, faiss: FaissIndex) -> ReconcileReport:
+    def search(
+        self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (exact cosines, ids) per query row, -1 where fewer exist: the flat index answers
+        exactly; an ANN index's candidates are scored again from the catalog (storage.ann)."""
+        index = self.faiss
+        if isinstance(index, AnnIndex):
+            return search_exact(index, catalog_vectors(self.catalog, index.dim), queries, k, allowed_ids)
+        return index.search(queries, k, allowed_ids)
+
+    def exact_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted ids, their exact vectors) of everything searchable: from the flat index, or
+        for an ANN index (codes only) from the catalog."""
+        index = self.faiss
+        ids = index.ids()
+        if isinstance(index, AnnIndex):
+            return catalog_vectors(self.catalog, index.dim)(np.sort(ids))
+        order = np.argsort(ids, kind="stable")
+        return ids[order], index.reconstruct_all()[order]
+
+    # -- internals --------------------------------------------------------------------------
+    def _use(
+        self, faiss: FaissIndex, state: CatalogState, *, file_generation: int | None, unsaved: int
+    ) -> None:
+        self._faiss, self._state = faiss, state
+        self._file_generation, self._unsaved = file_generation, unsaved
+
+    def _changes(self, snap: CatalogSnapshot, since: int, state: CatalogState, dim: int) -> Changes | None:
+        assert state.model_id is not None
+        return snap.changes_since(since, state.model_id, dim)
+
+    def _rebuilt(self, snap: CatalogSnapshot, state: CatalogState, dim: int) -> ReconcileReport:
+        """Stream every vector of the snapshot into a flat index of its final size."""
+        count = snap.count_vectors(state.model_id) if state.model_id is not None else 0
+        batches = (
+            (ids, decode_vectors(blobs, dim))
+            for ids, blobs in snap.iter_embedding_blobs(batch=8192, model_id=state.model_id)
+        )
+        faiss = FaissIndex.from_batches(dim, count, batches) if count else FaissIndex.empty(dim)
+        self._use(faiss, state, file_generation=None, unsaved=count)
+        return ReconcileReport(added=count, removed=0)
+
+    def _reconcile(self, faiss: FaissIndex, snap: CatalogSnapshot) -> ReconcileReport:
+        """The full id diff (reads every id): only for a base older than the change log."""
         dim = faiss.dim
-        for _attempt in range(3):
-            try:
-                report = reconcile(faiss, self.catalog.ids(), lambda ids: self.catalog.embeddings(ids, dim))
-            except KeyError:  # a row was deleted between reading ids and embeddings: read again
-                continue
-            if report.changed:
-                faiss.stamp = None  # no longer what the file holds
-            return report
-        raise ClipdexError(f"index {self.directory} keeps changing under this reader; try again")
+        report = reconcile(faiss, snap.ids(), lambda ids: snap.embeddings(ids, dim))
+        if report.changed:
+            faiss.stamp = None  # no longer what the file holds
+        return report

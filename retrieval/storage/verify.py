@@ -1,7 +1,9 @@
 """`verify`: check the index's invariants; `repair`: restore them from what is durable.
 
 The catalog (rows and their vectors, committed together) is the truth; the FAISS file is a
-cache of it. Repair therefore rebuilds FAISS from the catalog, and drops only rows whose stored
+cache of it, usually some commits behind by design (the writer rewrites it only when that pays):
+what is checked is the file caught up through the catalog's change log, exactly what an opener
+searches. Repair therefore rebuilds FAISS from the catalog, and drops only rows whose stored
 vector is malformed, so that the next `clipdex index` embeds those few files again.
 """
 
@@ -12,9 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .ann import AnnIndex, load_cache
 from .catalog import NORM_TOLERANCE
-from .faiss_index import FAISS_FILE, FaissIndex
-from .vector_store import VectorStore, stamp_is_ancestor, stamp_is_current
+from .faiss_index import FAISS_FILE
+from .vector_store import VectorStore, apply_changes, stamp_is_ancestor, stamp_is_current
 from .writer import IndexWriter
 
 
@@ -71,7 +74,7 @@ def verify_index(store: VectorStore, *, repair: bool = False, check_files: bool 
         report.images += len(unsearchable)
 
     catalog_ids = np.asarray(good_ids, dtype=np.int64)
-    stored = FaissIndex.load(store.path, dim)
+    stored = load_cache(store.path, dim)  # flat or ANN (clipdex optimize)
     state = catalog.state()
     faiss_ok = False
     if stored is None:
@@ -80,6 +83,10 @@ def verify_index(store: VectorStore, *, repair: bool = False, check_files: bool 
     elif not (stamp_is_current(stored.stamp, state) or stamp_is_ancestor(stored.stamp, state, catalog)):
         report.problems.append(f"{FAISS_FILE} does not belong to this catalog or its model (never used)")
     else:
+        assert stored.stamp is not None and state.model_id is not None
+        changes = catalog.changes_since(stored.stamp.generation, state.model_id, dim)
+        if changes is not None and changes.state == state:  # else (older than the log): as it is
+            apply_changes(stored, changes)
         faiss_ids = stored.ids()
         extra = np.setdiff1d(faiss_ids, catalog_ids)
         missing = np.setdiff1d(catalog_ids, faiss_ids)
@@ -90,6 +97,8 @@ def verify_index(store: VectorStore, *, repair: bool = False, check_files: bool 
                 f"FAISS and catalog differ: {len(missing)} ids only in the catalog, "
                 f"{len(extra)} only in FAISS"
             )
+        elif isinstance(stored, AnnIndex):  # codes, not vectors: lossy by design, ids checked
+            faiss_ok = True
         else:
             order = np.argsort(faiss_ids)
             faiss_vecs = stored.reconstruct_all()[order]
@@ -101,7 +110,8 @@ def verify_index(store: VectorStore, *, repair: bool = False, check_files: bool 
 
     if check_files:
         for record in catalog.records().values():
-            if not os.path.exists(record.path):
+            # A row of `clipdex import` may name a URL: there is no local file to look for.
+            if not os.path.exists(record.path) and not _is_url(record.path):
                 report.missing_files.append(record.path)
 
     if repair and report.problems:
@@ -118,3 +128,8 @@ def verify_index(store: VectorStore, *, repair: bool = False, check_files: bool 
                 report.repaired.append(f"rebuilt {FAISS_FILE} from the catalog ({rebuilt.ntotal} vectors)")
         report.problems.clear()
     return report
+
+
+def _is_url(path: str) -> bool:
+    scheme, sep, _rest = path.partition("://")
+    return bool(sep) and scheme.isascii() and scheme.isalpha()

@@ -1,7 +1,10 @@
 """IndexWriter: the one process allowed to change an index, while it holds the writer lock.
 
 Each commit is one catalog transaction (rows and their embeddings together), then the same
-change in the FAISS index in memory, saved at checkpoints. During a reindex the embeddings go
+change in the FAISS index in memory. The catalog is the durable copy: the FAISS file is rewritten
+only when openers could not catch up from it cheaply (VectorStore.should_save: far enough behind,
+or not a base at all), checked after each commit and on the way out, and always after a reindex
+swap or a rebuild; never on a timer. During a reindex the embeddings go
 to a pending model built beside the active one: searches keep using the active model until
 `finish_reindex` swaps them in one transaction.
 """
@@ -9,14 +12,13 @@ to a pending model built beside the active one: searches keep using the active m
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from retrieval.core.errors import ClipdexError
 
-from .faiss_index import ReconcileReport
+from .faiss_index import ReconcileReport, apply_to
 from .lock import WriterLock
 from .records import FailureRecord, Move, NewImage
 from .vector_store import VectorStore
@@ -25,13 +27,14 @@ SignatureMatch = Callable[[dict, dict], bool]  # same model? (two recorded signa
 
 
 class IndexWriter:
-    def __init__(self, store: VectorStore, checkpoint_seconds: float = 60.0):
+    def __init__(self, store: VectorStore, save_after_changes: int | None = None):
+        """`save_after_changes`: rewrite the file once it is more than this many changes behind
+        (None: the store's rule, VectorStore.should_save; 0: after every commit, for tests that
+        need saves to interrupt)."""
         self.store = store
         self.catalog = store.catalog
         self.lock = WriterLock(store.directory)
-        self.checkpoint_seconds = checkpoint_seconds
-        self._last_save = time.monotonic()
-        self._dirty = False
+        self.save_after_changes = save_after_changes
         self._pending: int | None = None  # the model id a reindex embeds into
 
     def __enter__(self) -> IndexWriter:
@@ -48,8 +51,7 @@ class IndexWriter:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            if self._dirty:
-                self.save()
+            self._save_if_due(finishing=True)
         finally:
             self.lock.release()
 
@@ -108,8 +110,7 @@ class IndexWriter:
     def reconcile(self) -> ReconcileReport:
         """Bring the FAISS file in line with the catalog (after a crash), saving it if needed."""
         report = self.store.load()
-        if self.store.needs_saving():
-            self.save()
+        self._save_if_due()
         return report
 
     def commit(
@@ -141,17 +142,27 @@ class IndexWriter:
             model_id=self._pending,
         )
         if faiss is not None:
-            faiss.remove(np.asarray(removed, dtype=np.int64))
-            if added and self._pending is None:
-                faiss.add(np.asarray(new_ids, dtype=np.int64), np.stack([a.vector for a in added]))
-        if added or removed:
-            self._dirty = True
-        if self._dirty and time.monotonic() - self._last_save >= self.checkpoint_seconds:
-            self.save()
+            searchable = bool(added) and self._pending is None  # a reindex embeds for later
+            report = apply_to(
+                faiss,
+                np.asarray(removed, dtype=np.int64),
+                np.asarray(new_ids if searchable else [], dtype=np.int64),
+                np.stack([a.vector for a in added]) if searchable else np.empty((0, faiss.dim), np.float32),
+            )
+            self.store.note_commit(report.added + report.removed)
+        self._save_if_due()
         return new_ids
 
     def save(self) -> None:
+        """Rewrite the file now (after a rebuild; `verify --repair`)."""
         if self.catalog.active_model() is not None:
             self.store.save()
-        self._last_save = time.monotonic()
-        self._dirty = False
+
+    def _save_if_due(self, *, finishing: bool = False) -> None:
+        store = self.store
+        if self.save_after_changes is None:
+            due = store.should_save(finishing=finishing)
+        else:
+            due = store.needs_saving() or store.unsaved_changes > self.save_after_changes
+        if due:
+            self.save()

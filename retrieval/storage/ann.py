@@ -1,0 +1,359 @@
+"""AnnIndex: an approximate (IVF) FAISS index of the catalog's vectors, its file, and exact
+re-ranking.
+
+It offers what VectorStore needs from FaissIndex (dim, ntotal, ids, add, remove, search, save,
+load, stamp), so that opening, catching up with the catalog by ids and the writer's commits work
+the same for both. It holds compressed codes only (IVF lists of SQ8 or PQ codes with their int64
+ids: ~72 bytes a vector with PQ64 instead of 2 KB), never the float32 vectors: the catalog holds
+those durably, and `search_exact` re-scores the top candidates from it, so every score handed
+out is an exact cosine.
+
+The file is the same `vectors.faiss` as the flat index, FAISS's serialisation followed by the
+same Stamp trailer: one cache file a directory, one stamp logic (current, ancestor, foreign),
+and no flat copy on disk next to the catalog's (at 1M x 512 that copy alone is 2 GB).
+`load_cache` tells the two kinds apart by FAISS's four-byte header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retrieval.core.errors import IndexWriteError
+
+from . import index_rules
+from .faiss_index import FaissIndex, Stamp, _omp_threads
+
+_FLAT_HEADER = b"IxM2"  # FAISS's fourcc of IndexIDMap2, the flat cache's outer index
+_READ_CHUNK = 1 << 22
+
+# (ids, vectors) of those `ids` that have a stored vector, in a consistent order.
+VectorsOf = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class AnnIndex:
+    """An `IndexIVF` (IVF-SQ8 or IVF-PQ, inner product) whose ids are catalog row ids."""
+
+    def __init__(self, index: faiss.Index, stamp: Stamp | None = None):
+        self.index = index
+        self.ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # IndexIVFPQ, ...SQ
+        self.stamp = stamp
+
+    # -- making and reading ---------------------------------------------------------------
+    @classmethod
+    def trained(cls, factory: str, sample: np.ndarray, niter: int = 10, seed: int = 1234) -> AnnIndex:
+        """An empty index of `factory` trained on `sample` (unit vectors).
+
+        The coarse centroids come from `spherical_kmeans` (numpy's BLAS: on these machines about
+        2.5x FAISS's own k-means, whose distance step runs at ~10 GFLOPS against numpy's ~26),
+        given to the quantizer, so that FAISS's `train` trains only the codes. 10 iterations:
+        centroids move little after that, and the time is proportional to them."""
+        x = np.ascontiguousarray(sample, dtype=np.float32)
+        index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        ann = cls(index)
+        ann.ivf.quantizer.add(spherical_kmeans(x, ann.nlist, niter=niter, seed=seed))
+        if isinstance(ann.ivf, faiss.IndexIVFPQ):
+            # Each sub-quantizer is 256 centroids in dim/m dimensions: 128 points a centroid
+            # (FAISS's default caps at 256) and 10 iterations halve and more than halve the
+            # cost, for codes that only choose candidates re-ranked exactly.
+            ann.ivf.pq.cp.niter = niter
+            ann.ivf.pq.cp.max_points_per_centroid = 128
+            ann.ivf.pq.cp.seed = seed
+            # Polysemous training reorders the codes for Hamming pre-filtering, which these
+            # searches never use; it cost 45 s of a 47 s training of 10k vectors.
+            ann.ivf.do_polysemous_training = False
+        if isinstance(ann.ivf, faiss.IndexIVFScalarQuantizer):
+            # SQ8 of the vectors themselves, not of their residuals: unit vectors have a known
+            # range per dimension, 8 bits lose ~1e-3 of cosine either way, and training then
+            # needs no assignment of the sample (10 s of a 63 s build at 200k).
+            ann.ivf.by_residual = False
+        index.train(x)  # the quantizer holds nlist centroids: FAISS trains the encoder alone
+        return ann
+
+    @classmethod
+    def load(cls, path: Path, dim: int) -> AnnIndex | None:
+        """The saved index with its stamp, or None when it is missing, unreadable, not an IVF
+        index or of another dimension. `read_index` reads the file straight into the index (no
+        second copy of it in memory) and stops before the trailer."""
+        try:
+            with open(path, "rb", buffering=0) as f:  # index and stamp from one open file
+                stamp = Stamp.read(f)
+                index = faiss.read_index(faiss.PyCallbackIOReader(f.read, _READ_CHUNK))
+        except (OSError, RuntimeError, ValueError):
+            return None
+        if index.d != dim:
+            return None
+        try:
+            faiss.extract_index_ivf(index)
+        except RuntimeError:
+            return None
+        return cls(index, stamp)
+
+    # -- what VectorStore needs --------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def nlist(self) -> int:
+        return self.ivf.nlist
+
+    @property
+    def nprobe(self) -> int:
+        return self.ivf.nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self.ivf.nprobe = max(1, min(int(value), self.nlist))
+
+    @property
+    def description(self) -> str:
+        """The factory string it was built from, e.g. 'IVF4096,PQ64'."""
+        codes = "SQ8" if isinstance(self.ivf, faiss.IndexIVFScalarQuantizer) else ""
+        if isinstance(self.ivf, faiss.IndexIVFPQ):
+            codes = f"PQ{self.ivf.pq.M}"
+        return f"IVF{self.nlist},{codes}" if codes else f"IVF{self.nlist}"
+
+    def ids(self) -> np.ndarray:
+        """Every id it holds (list by list)."""
+        invlists = self.ivf.invlists
+        parts = []
+        for list_no in range(self.nlist):
+            size = invlists.list_size(list_no)
+            if size:
+                ptr = invlists.get_ids(list_no)
+                parts.append(faiss.rev_swig_ptr(ptr, size).copy())
+                invlists.release_ids(list_no, ptr)
+        return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.empty(0, np.int64)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
+        self.index.add_with_ids(vecs, np.ascontiguousarray(ids, dtype=np.int64))
+
+    def add_bulk(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """`add` for a build: the lists are assigned with numpy's BLAS (see `trained`), the
+        dominant cost of adding (n x nlist x dim)."""
+        if len(ids) == 0:
+            return
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
+        lists = np.ascontiguousarray(nearest(vecs, self._centroids()), dtype=np.int64)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.ivf.add_core(len(ids), faiss.swig_ptr(vecs), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+
+    def _centroids(self) -> np.ndarray:
+        quantizer = faiss.downcast_index(self.ivf.quantizer)
+        return faiss.rev_swig_ptr(quantizer.get_xb(), self.nlist * self.dim).reshape(self.nlist, self.dim)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove `ids` (a scan of the lists' ids: ~8 bytes a vector, a few ms at 1M)."""
+        if len(ids) == 0:
+            return 0
+        return int(self.index.remove_ids(_selector(sorted_unique(ids))))
+
+    def search(
+        self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k (code scores, ids), -1 where fewer were found. Use `search_exact` for
+        exact scores."""
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        k = max(1, int(k))
+        if self.ntotal == 0 or (allowed_ids is not None and len(allowed_ids) == 0):
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        params = faiss.SearchParametersIVF()
+        params.nprobe = max(1, min(int(nprobe or self.nprobe), self.nlist))
+        sel = None  # held here: `params.sel` does not keep the Python object (and its bitmap) alive
+        if allowed_ids is not None:
+            sel = _selector(sorted_unique(allowed_ids))
+            params.sel = sel
+        with _omp_threads(1 if len(q) <= 4 else None):
+            return self.index.search(q, k, params=params)
+
+    def save(self, path: Path, stamp: Stamp | None = None) -> None:
+        """Write atomically (temporary file, fsync, rename, fsync dir), stamped like FaissIndex's.
+        FAISS writes the file itself: no serialised copy of the index in memory."""
+        directory = path.parent
+        tmp_name = None
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            faiss.write_index(self.index, tmp_name)
+            with open(tmp_name, "ab") as f:
+                if stamp is not None:
+                    f.write(stamp.to_bytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, path)
+            tmp_name = None
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except (OSError, RuntimeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise IndexWriteError(f"cannot write {path}: {reason}; the previous file is intact") from None
+        finally:
+            if tmp_name is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_name)
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Index of the highest-inner-product centroid of each row of `x` (in chunks: 4096 x nlist
+    scores at a time, 64 MB at nlist 4096)."""
+    out = np.empty(len(x), dtype=np.int64)
+    for start in range(0, len(x), chunk):
+        out[start : start + chunk] = np.argmax(x[start : start + chunk] @ centroids.T, axis=1)
+    return out
+
+
+def spherical_kmeans(x: np.ndarray, k: int, *, niter: int = 10, seed: int = 1234) -> np.ndarray:
+    """k unit centroids of unit rows `x` (k-means under inner product: assign to the best
+    centroid, average, normalise). An emptied centroid restarts at a random point."""
+    rng = np.random.default_rng(seed)
+    centroids = x[rng.choice(len(x), size=k, replace=False)].copy()
+    for _ in range(niter):
+        lists = nearest(x, centroids)
+        order = np.argsort(lists, kind="stable")
+        counts = np.bincount(lists, minlength=k)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        full = counts > 0
+        sums = np.add.reduceat(x[order], starts[full], axis=0)
+        centroids[full] = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        empty = np.flatnonzero(~full)
+        if len(empty):
+            centroids[empty] = x[rng.choice(len(x), size=len(empty), replace=False)]
+    return np.ascontiguousarray(centroids, dtype=np.float32)
+
+
+VectorIndex = FaissIndex | AnnIndex
+
+
+def cache_kind(path: Path) -> str | None:
+    """'flat' or 'ivf' from the cache file's header alone (for `info`), None without a file."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(4)
+    except OSError:
+        return None
+    return "flat" if header == _FLAT_HEADER else "ivf"
+
+
+def load_cache(path: Path, dim: int) -> VectorIndex | None:
+    """The cache file as whichever index it holds (flat or IVF), None when unusable."""
+    kind = cache_kind(path)
+    if kind is None:
+        return None
+    return FaissIndex.load(path, dim) if kind == "flat" else AnnIndex.load(path, dim)
+
+
+def sorted_unique(ids: np.ndarray) -> np.ndarray:
+    """`ids` as sorted unique int64, without work when they are so already (Catalog.select_ids):
+    numpy's hashing `unique` took 28 ms for 100k ids, per call, per query."""
+    a = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if len(a) < 2 or bool(np.all(a[1:] > a[:-1])):
+        return a
+    a = np.sort(a)
+    return a[np.concatenate(([True], a[1:] != a[:-1]))]
+
+
+def _selector(ids: np.ndarray) -> faiss.IDSelector:
+    """Membership of sorted, unique, non-negative `ids`: a bitmap over 0..max id when that is
+    small (ids are AUTOINCREMENT row ids, so dense: 1M ids -> 125 KB, built with one numpy call
+    where IDSelectorBatch hashes every id, ~20 ms for 500k), else FAISS's hashed batch."""
+    top = int(ids[-1]) if len(ids) else 0
+    if len(ids) and int(ids[0]) >= 0 and top < 64 * 2**20:
+        bits = np.zeros(top + 1, dtype=bool)
+        bits[ids] = True
+        packed = np.packbits(bits, bitorder="little")
+        sel = faiss.IDSelectorBitmap(len(packed), faiss.swig_ptr(packed))  # its size in bytes
+        sel.referenced = packed  # the bitmap must live as long as the selector
+        return sel
+    sel = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+    return sel
+
+
+# -- exact answers from approximate candidates ---------------------------------------------------
+def search_exact(
+    index: AnnIndex,
+    vectors_of: VectorsOf,
+    queries: np.ndarray,
+    k: int,
+    allowed_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (exact cosines, ids) for each query row, padded with -1 like FaissIndex.search.
+
+    Candidates come from the IVF codes; the top `rerank_depth(k)` are scored again from the
+    stored vectors. With `allowed_ids`, few matches are scored exactly (all of them: the result
+    is then exact), many go through the index with an ID selector and a raised nprobe; a filter
+    never shortens the result: while fewer than k allowed vectors were reached, 4x more lists
+    are scanned, up to all of them (README: `-k 10` returns 10 hits whenever 10 images match).
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, index.dim)
+    k = max(1, min(int(k), max(index.ntotal, 1)))
+    allowed = None if allowed_ids is None else sorted_unique(allowed_ids)
+    out_s = np.full((len(q), k), -np.inf, np.float32)
+    out_i = np.full((len(q), k), -1, np.int64)
+    if index.ntotal == 0 or (allowed is not None and len(allowed) == 0):
+        return out_s, out_i
+    if allowed is not None and len(allowed) <= index_rules.SMALL_FILTER:
+        ids, vecs = vectors_of(allowed)
+        for row in range(len(q)):
+            _fill(out_s[row], out_i[row], *_top(_cosines(vecs, q[row]), ids, k))
+        return out_s, out_i
+    nprobe = index.nprobe
+    reachable = index.ntotal
+    if allowed is not None:
+        nprobe = index_rules.filtered_nprobe(nprobe, index.nlist, len(allowed) / index.ntotal)
+        reachable = len(allowed)
+    depth = index_rules.rerank_depth(k)
+    need = min(k, reachable)
+    for row in range(len(q)):
+        probe = nprobe
+        while True:
+            _, cand = index.search(q[row], depth, allowed, nprobe=probe)
+            cand = cand[0][cand[0] >= 0]
+            if len(cand) >= need or probe >= index.nlist:
+                break
+            # The lists scanned held fewer than k (allowed) vectors: scan 4x as many, up to all
+            # of them, so that k are returned whenever k exist.
+            probe = min(index.nlist, probe * 4)
+        ids, vecs = vectors_of(np.unique(cand))
+        _fill(out_s[row], out_i[row], *_top(_cosines(vecs, q[row]), ids, k))
+    return out_s, out_i
+
+
+def _cosines(vecs: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Exact scores, the same for a pair whatever else is scored with it (float32 BLAS may sum
+    in another order for another batch shape, and a last-bit difference would reorder ties
+    between pages): summed in float64, then rounded."""
+    return (vecs.astype(np.float64) @ q.astype(np.float64)).astype(np.float32)
+
+
+def _top(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (score, id), score descending, ties by id."""
+    order = np.lexsort((ids, -scores))[:k]
+    return scores[order], ids[order]
+
+
+def _fill(row_s: np.ndarray, row_i: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> None:
+    row_s[: len(scores)] = scores
+    row_i[: len(ids)] = ids
+
+
+def catalog_vectors(catalog, dim: int) -> VectorsOf:  # type: ignore[no-untyped-def]
+    """`vectors_of` reading the catalog: ids without a stored vector (deleted since this reader
+    loaded, or added for a pending model only) are left out."""
+    return lambda ids: catalog.stored_vectors(ids.tolist(), dim)

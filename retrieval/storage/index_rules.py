@@ -1,0 +1,209 @@
+"""Which vector index an index directory gets, by rules on its size and a memory budget.
+
+One small function per decision, so that each can be read (and tested) on its own:
+
+- below `EXACT_BELOW` vectors: exact flat search. A flat scan of 50k x 512 floats takes a few
+  ms on one core, exact answers cost nothing there, and small libraries keep today's results;
+- above: an inverted file (IVF) whose lists hold compressed codes, SQ8 while the codes fit the
+  budget comfortably, else product quantization (PQ). The codes only choose candidates: the top
+  `rerank_depth(k)` candidates are scored again exactly from the catalog's stored vectors, so
+  the codes' error costs recall only where a true neighbour falls out of the candidate list;
+- `nprobe` (lists scanned per query) is not guessed but measured: the smallest power of two,
+  refined between the last two tried, whose recall@10 after re-ranking reaches the target.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from retrieval.core.errors import ClipdexError
+
+EXACT_BELOW = 50_000  # vectors; below it a flat scan is fast enough and exact
+DEFAULT_MAX_MEMORY = 512 * 2**20  # the ANN index in a query process (the issue's target: RSS < 1 GB)
+DEFAULT_TARGET_RECALL = 0.95
+ID_BYTES = 8  # each IVF entry stores its int64 id beside its code
+MIN_NLIST, MAX_NLIST = 256, 16_384
+MIN_POINTS_PER_LIST = 39  # FAISS's own floor for k-means: fewer points per centroid train badly
+TRAIN_POINTS_PER_LIST = 32  # k-means on 32 points a centroid is within noise of 256 (FAISS's cap)
+MAX_TRAIN = 200_000  # bounds training time on 2 cores (k-means cost ~ train x nlist x d)
+MIN_RERANK = 100
+RERANK_FACTOR = 4
+# A filter matching at most this many images is scored exactly from the catalog (all of them:
+# an exact answer) instead of through the ANN index with an ID selector. Measured at 200k x 512
+# (IVF2048,SQ8, nprobe 1; 2 loaded cores), p50 of a filtered top-10, exact scan / ID selector:
+# 100 allowed 4.5 / 6.3 ms, 300 8.5 / 7.1 ms, 1000 65 / 8.8 ms, 10000 207 / 3.6 ms. Reading a
+# vector from SQLite costs 20-60 us; the selector's cost barely grows as the filter narrows
+# (the raised nprobe, then x4 steps until k allowed vectors are reached).
+SMALL_FILTER = 256
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What to build: `factory` is a `faiss.index_factory` string ("Flat" for exact search)."""
+
+    kind: str  # "flat" or "ivf"
+    factory: str
+    vectors: int
+    dim: int
+    nlist: int = 0
+    codes: str = "flat"  # "flat", "SQ8" or "PQ<m>"
+    train_size: int = 0
+    index_bytes: int = 0  # estimated memory of the index in a query process
+    reason: str = ""
+
+    @property
+    def approximate(self) -> bool:
+        return self.kind == "ivf"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_plan(
+    n: int, dim: int, *, max_memory: int = DEFAULT_MAX_MEMORY, exact_below: int = EXACT_BELOW
+) -> IndexPlan:
+    """The index for `n` vectors of dimension `dim` within `max_memory` bytes."""
+    if n < exact_below:
+        return IndexPlan(
+            "flat",
+            "Flat",
+            n,
+            dim,
+            index_bytes=flat_bytes(n, dim),
+            reason=f"{n} vectors < {exact_below}: exact search",
+        )
+    nlist = choose_nlist(n)
+    codes = choose_codes(n, dim, nlist, max_memory)
+    return IndexPlan(
+        "ivf",
+        f"IVF{nlist},{codes}",
+        n,
+        dim,
+        nlist=nlist,
+        codes=codes,
+        train_size=train_size(n, nlist),
+        index_bytes=ivf_bytes(n, dim, nlist, code_bytes(codes, dim)),
+        reason=f"{n} vectors >= {exact_below}: IVF with {codes} codes within {human(max_memory)}",
+    )
+
+
+def choose_nlist(n: int) -> int:
+    """The number of inverted lists: the power of two at or above 4*sqrt(n), so between 4 and 8
+    sqrt(n) (the usual range: lists of ~sqrt(n)/8 vectors, a coarse quantizer that costs about as
+    much to search as the lists it selects), clamped, and never so many that k-means would get
+    fewer than MIN_POINTS_PER_LIST training points each."""
+    nlist = 2 ** math.ceil(math.log2(max(1.0, 4.0 * math.sqrt(n))))
+    nlist = min(max(nlist, MIN_NLIST), MAX_NLIST)
+    while nlist > 1 and nlist * MIN_POINTS_PER_LIST > n:
+        nlist //= 2
+    return nlist
+
+
+def choose_codes(n: int, dim: int, nlist: int, max_memory: int) -> str:
+    """SQ8 (one byte a dimension, nearly exact) while its codes take at most half the budget:
+    near-exact candidates keep nprobe low and the headroom absorbs later adds. Otherwise PQ with
+    m = dim/8 sub-quantizers (8 dimensions per byte: the usual accuracy/speed balance; the exact
+    re-ranking recovers what the coarser codes lose), halved while it does not fit, down to
+    dim/32; below that the budget cannot hold the index and the caller is told how much it needs."""
+    if ivf_bytes(n, dim, nlist, dim) <= max_memory // 2:
+        return "SQ8"
+    for m in pq_choices(dim):
+        if ivf_bytes(n, dim, nlist, m) <= max_memory:
+            return f"PQ{m}"
+    smallest = pq_choices(dim)[-1] if pq_choices(dim) else dim
+    need = ivf_bytes(n, dim, nlist, smallest)
+    raise ClipdexError(
+        f"--max-memory {human(max_memory)} cannot hold an index of {n} vectors: "
+        f"it needs at least {human(need)}"
+    )
+
+
+def pq_choices(dim: int) -> list[int]:
+    """PQ sub-quantizer counts to try, most accurate first: dim/8, dim/16, dim/32 (those dividing dim)."""
+    out = [dim // div for div in (8, 16, 32) if dim % div == 0 and dim // div >= 1]
+    return out or [1]
+
+
+def code_bytes(codes: str, dim: int) -> int:
+    if codes == "SQ8":
+        return dim
+    if codes.startswith("PQ"):
+        return int(codes[2:])
+    return 4 * dim
+
+
+def ivf_bytes(n: int, dim: int, nlist: int, per_code: int) -> int:
+    """Codes and ids in the lists plus the coarse centroids (float32)."""
+    return n * (per_code + ID_BYTES) + nlist * dim * 4
+
+
+def flat_bytes(n: int, dim: int) -> int:
+    return n * (4 * dim + ID_BYTES)
+
+
+def train_size(n: int, nlist: int) -> int:
+    """Vectors sampled to train the coarse quantizer and the codes."""
+    return min(n, max(nlist * TRAIN_POINTS_PER_LIST, 10_000), MAX_TRAIN)
+
+
+def rerank_depth(k: int) -> int:
+    """Candidates scored exactly for a top-k: enough that a neighbour the codes rank a little too
+    low still makes it, cheap next to the IVF scan (100 vectors from SQLite: ~0.3 ms)."""
+    return max(RERANK_FACTOR * k, MIN_RERANK)
+
+
+def filtered_nprobe(nprobe: int, nlist: int, selectivity: float) -> int:
+    """nprobe for an ID-selected search where `selectivity` of the vectors are allowed: each
+    list scanned yields only that fraction of candidates, so scan more lists (up to 1/selectivity
+    times, capped at 8x and at every list)."""
+    if selectivity <= 0:
+        return nlist
+    boost = min(8.0, max(1.0, 1.0 / selectivity))
+    return int(min(nlist, max(nprobe, math.ceil(nprobe * boost))))
+
+
+def pick_nprobe(recall_at: Callable[[int], float], nlist: int, target: float) -> tuple[int, float]:
+    """The smallest nprobe whose measured recall reaches `target`: doubling from 1, then a
+    bisection between the last two powers of two (recall grows with nprobe). All lists scanned
+    is the ceiling (recall is then the codes' and the re-ranking's alone)."""
+    lo, nprobe = 0, 1
+    while True:
+        recall = recall_at(nprobe)
+        if recall >= target or nprobe >= nlist:
+            break
+        lo, nprobe = nprobe, min(nlist, nprobe * 2)
+    best = (nprobe, recall)
+    hi = nprobe
+    while hi - lo > max(1, hi // 8):  # within 1/8 of the answer is as fine as it needs to be
+        mid = (lo + hi) // 2
+        r = recall_at(mid)
+        if r >= target:
+            hi, best = mid, (mid, r)
+        else:
+            lo = mid
+    return best
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GiB', '100000' -> bytes (powers of 1024)."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise ClipdexError(f"not a size: {text!r} (examples: 512M, 2G)")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise ClipdexError(f"size must be positive: {text!r}")
+    return size
+
+
+def human(size: int) -> str:
+    for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f}{unit}"
+    return f"{size}B"
