@@ -703,6 +703,10 @@ from . import quality_commands  # noqa: E402  (after `app`: these commands live 
 app.command("eval")(quality_commands.eval_command)
 app.command("tune")(quality_commands.tune_command)
 
+from . import import_commands  # noqa: E402
+
+app.command("import")(import_commands.import_command)
+
 from . import optimize_commands  # noqa: E402
 
 app.command("optimize")(optimize_commands.optimize_command)
