@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .output import safe
+from .output import ProgressBar, safe
 
 
 def import_command(
@@ -63,7 +63,7 @@ def import_command(
     spec = resolve_model_spec(index_dir, model, pretrained)
     options = ImportOptions(batch_size=batch_size, path_column=path_column, optimize=not no_optimize)
     stop = threading.Event()
-    bar = _Bar()
+    bar = ProgressBar("row", keep=True)
 
     def on_sigint(signum, frame):  # type: ignore[no-untyped-def]
         if stop.is_set():
@@ -104,23 +104,3 @@ def import_command(
         raise typer.Exit(130)
     if summary.bad_shards:
         raise typer.Exit(1)
-
-
-class _Bar:
-    """tqdm on stderr, created on the first update."""
-
-    def __init__(self) -> None:
-        self._bar = None
-
-    def update(self, done: int, total: int) -> None:
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, unit="row", unit_scale=True, dynamic_ncols=True, disable=None)
-        self._bar.total = total
-        self._bar.n = done
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()

@@ -20,7 +20,7 @@ import typer
 
 from retrieval.core.errors import ClipdexError
 
-from .output import human_bytes, print_hits, safe
+from .output import ProgressBar, human_bytes, print_hits, safe
 
 app = typer.Typer(
     add_completion=False,
@@ -155,7 +155,7 @@ def index(
         excludes=tuple(exclude) if exclude is not None else None,
     )
     stop = threading.Event()
-    bar = _ProgressBar()
+    bar = ProgressBar("img")
 
     def on_sigint(signum, frame):  # type: ignore[no-untyped-def]
         if stop.is_set():
@@ -224,25 +224,6 @@ def _print_skipped(skipped: list[tuple[str, str]], shown: int = 5) -> None:
         print(f"  {safe(path)}: {reason}", file=sys.stderr)
     if n > shown:
         print(f"  ... and {n - shown} more (--json lists them all)", file=sys.stderr)
-
-
-class _ProgressBar:
-    """tqdm on stderr, created on the first update so that nothing shows for a no-op run."""
-
-    def __init__(self) -> None:
-        self._bar = None
-
-    def update(self, done: int, total: int) -> None:
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, unit="img", dynamic_ncols=True, disable=None, leave=False)
-        self._bar.n = done
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 # -- query power: options shared by search, similar and classify ---------------------------

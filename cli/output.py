@@ -133,3 +133,28 @@ def human_bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+class ProgressBar:
+    """tqdm on stderr, created on the first update so that nothing shows for a no-op run.
+    `keep`: leave the finished bar on screen (tqdm's `leave`)."""
+
+    def __init__(self, unit: str, *, keep: bool = False) -> None:
+        self.unit = unit
+        self.keep = keep
+        self._bar = None
+
+    def update(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            # disable=None: no bar where stderr is not a terminal
+            options = {"unit": self.unit, "unit_scale": True, "dynamic_ncols": True, "disable": None}
+            self._bar = tqdm(total=total, leave=self.keep, **options)
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -223,6 +224,18 @@ def broken_files(tmp_path: Path) -> dict[str, Path]:
     text = folder / "notes.jpg"
     text.write_text("this is not a picture\n")
     return {"empty": empty, "truncated": truncated, "text": text}
+
+
+def committed_rows(db: Path) -> int:
+    """Rows in the catalog, read with plain sqlite3 (works while the catalog is being created)."""
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return conn.execute("SELECT count(*) FROM images").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

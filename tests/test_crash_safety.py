@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_ARCH, make_scene, set_mtime, write_scenes
+from conftest import TINY_ARCH, committed_rows, make_scene, set_mtime, write_scenes
 from sqlalchemy import event
 
 import retrieval.storage.catalog as catalog_mod
@@ -134,18 +134,6 @@ def by_path(index_dir: Path) -> dict[str, tuple[tuple, np.ndarray]]:
 def faiss_ids(index_dir: Path) -> np.ndarray | None:
     stored = FaissIndex.load(index_dir / FAISS_FILE, 64)
     return None if stored is None else np.sort(stored.ids())
-
-
-def committed_rows(db: Path) -> int:
-    """Rows in the catalog, read with plain sqlite3 (works while the catalog is being created)."""
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return conn.execute("SELECT count(*) FROM images").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
 
 
 def temp_files(index_dir: Path) -> list[str]:

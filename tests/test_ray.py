@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_ARCH, write_scenes
+from conftest import TINY_ARCH, committed_rows, write_scenes
 
 from indexer import IndexOptions, index_folders
 from indexer.ray_runner import ActorPlan, EmbedActor, RayRunner, RayUnavailable, plan_actors
@@ -64,17 +63,6 @@ def catalog_state(index_dir: Path) -> tuple[dict[str, tuple], dict[str, np.ndarr
         failures = {p: f.reason for p, f in index.catalog.failures().items()}
         assert verify_index(index.store).ok
     return rows, dict(zip((r.path for r in records), vectors)), failures
-
-
-def committed_rows(db: Path) -> int:
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return conn.execute("SELECT count(*) FROM images").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
 
 
 def test_actors_one_per_gpu_else_cpu_actors_beside_the_decoders():
