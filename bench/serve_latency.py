@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from machine import machine_facts  # noqa: E402
 
 PYTHON = sys.executable
+SEARCH_FACTS = ("vector_index", "nprobe", "recall_at_10")  # of `clipdex info --json`
 DEFAULT_MODEL = "ViT-B-32-256"
 DEFAULT_CKPT = "/tmp/clipdex-peers/datadir/ViT-B-32-256-seed0.pt"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -150,8 +151,12 @@ def index_real_photos(folder: Path, work: Path, index_dir: Path, args: argparse.
     print(f"  {summary.get('added')} photos indexed in {time.perf_counter() - started:.1f} s", flush=True)
 
 
-def add_synthetic_rows(index_dir: Path, total: int, batch: int, seed: int = 0) -> None:
-    """Random unit vectors through IndexWriter.commit until the catalog holds `total` rows."""
+def add_synthetic_rows(index_dir: Path, total: int, batch: int, kind: str, seed: int = 0) -> None:
+    """Synthetic unit vectors through IndexWriter.commit until the catalog holds `total` rows:
+    `structured` like real embeddings (clusters in a low-dimensional subspace, bench/scale.py),
+    or `uniform` random (the worst case for an approximate index)."""
+    from scale import Structured, Uniform
+
     from retrieval.storage.catalog import open_catalog
     from retrieval.storage.records import NewImage
     from retrieval.storage.vector_store import VectorStore
@@ -161,15 +166,16 @@ def add_synthetic_rows(index_dir: Path, total: int, batch: int, seed: int = 0) -
     try:
         dim = int(catalog.model_signature()["dim"])
         store = VectorStore(index_dir, catalog)
-        rng = np.random.default_rng(seed)
+        source = Structured(seed) if kind == "structured" else Uniform(seed)
         started = time.perf_counter()
         with IndexWriter(store) as writer:
             writer.reconcile()
             n = catalog.count()
             while n < total:
                 count = min(batch, total - n)
-                vectors = rng.standard_normal((count, dim), dtype=np.float32)
-                vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+                vectors = source.sample(count, stream=n)
+                if vectors.shape[1] != dim:
+                    raise SystemExit(f"synthetic vectors are {vectors.shape[1]}-d, the model's {dim}-d")
                 rows = [
                     NewImage(
                         f"{SYNTHETIC_ROOT}/{n + i + 1:06d}.jpg",
@@ -199,7 +205,14 @@ def build_index(args: argparse.Namespace, index_dir: Path) -> None:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     index_real_photos(args.folder, work, index_dir, args)
-    add_synthetic_rows(index_dir, args.images, args.batch)
+    add_synthetic_rows(index_dir, args.images, args.batch, args.vectors)
+    if not args.exact:
+        # What a user with this many images runs: the index type its size calls for.
+        cmd = [PYTHON, "-m", "cli.main", "optimize", "--index", str(index_dir), "--json"]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.build_timeout)
+        if done.returncode != 0:
+            raise SystemExit(f"clipdex optimize failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        print(f"  optimize: {done.stdout.strip()}", flush=True)
 
 
 def index_facts(index_dir: Path) -> tuple[dict, list[int]]:
@@ -222,6 +235,14 @@ def index_facts(index_dir: Path) -> tuple[dict, list[int]]:
         "model": f"{signature.get('arch')} ({signature.get('pretrained')})",
         "bytes": on_disk,
     }
+    info = subprocess.run(
+        [PYTHON, "-m", "cli.main", "info", "--index", str(index_dir), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    facts["search"] = {k: v for k, v in json.loads(info.stdout).items() if k in SEARCH_FACTS}
     return facts, real
 
 
@@ -397,6 +418,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=100_000)
     p.add_argument("--real", type=int, default=60)
     p.add_argument("--batch", type=int, default=5000, help="Synthetic rows per commit.")
+    p.add_argument("--vectors", choices=("structured", "uniform"), default="structured")
+    p.add_argument("--exact", action="store_true", help="Skip `clipdex optimize`: exact flat search.")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--pretrained", default=DEFAULT_CKPT)
     p.add_argument("--texts", type=int, default=20)
