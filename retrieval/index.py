@@ -30,7 +30,7 @@ from retrieval.storage import index_rules
 from retrieval.storage.catalog import Catalog, open_catalog
 from retrieval.storage.optimize import OptimizeReport, optimize, vector_index_facts
 from retrieval.storage.records import ImageRecord
-from retrieval.storage.vector_store import VectorStore
+from retrieval.storage.vector_store import FilterPlan, VectorStore
 from retrieval.storage.verify import VerifyReport, verify_index
 from retrieval.storage.writer import IndexWriter
 
@@ -247,9 +247,18 @@ class ImageIndex:
     ) -> list[Hit]:
         """One page of the ranking for a query vector: exact `filters`, score cut-offs, paging,
         and the images `exclude_ids` left out."""
-        allowed = self.select_ids(filters) if filters is not None and not filters.empty else None
+        # The plan by selectivity (VectorStore.filter_plan): the matching ids, or for an ANN
+        # index and a filter matching many images, a check of the search's candidates.
+        plan = self.store.filter_plan(filters) if filters is not None and not filters.empty else FilterPlan()
         cutoffs = Cutoffs(min_score=min_score, within=within, offset=offset, exclude_ids=tuple(exclude_ids))
-        return search_page(self.store, vector, k, allowed_ids=allowed, cutoffs=cutoffs)
+        return search_page(
+            self.store,
+            vector,
+            k,
+            allowed_ids=plan.allowed_ids,
+            candidate_filter=plan.candidate_filter,
+            cutoffs=cutoffs,
+        )
 
     def _indexed_ids(self, paths: Sequence[str | os.PathLike[str]]) -> list[int]:
         """Catalog ids of those query images that are indexed themselves."""

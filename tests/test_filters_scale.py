@@ -182,22 +182,31 @@ def test_filter_ids_equals_brute_force_on_candidates(random_catalog):
 
 
 def _plans(catalog: Catalog, run) -> list[str]:  # type: ignore[no-untyped-def]
-    """SQLite's query plan of every SELECT on `images` that `run()` executes."""
-    statements: list[tuple[str, object]] = []
+    """SQLite's query plan of every SELECT on `images` that `run()` executes, through SQLAlchemy
+    or straight on the driver: SQLite's own trace (the statement with its values inlined) on
+    every connection checked out meanwhile."""
+    statements: list[str] = []
+    traced: list = []
 
-    def capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+    def trace(statement: str) -> None:
         if statement.lstrip().upper().startswith("SELECT") and "images" in statement:
-            statements.append((statement, parameters))
+            statements.append(statement)
 
-    event.listen(catalog.engine, "before_cursor_execute", capture)
+    def on_checkout(dbapi_conn, record, proxy):  # type: ignore[no-untyped-def]
+        dbapi_conn.set_trace_callback(trace)
+        traced.append(dbapi_conn)
+
+    event.listen(catalog.engine, "checkout", on_checkout)
     try:
         run()
     finally:
-        event.remove(catalog.engine, "before_cursor_execute", capture)
+        event.remove(catalog.engine, "checkout", on_checkout)
+        for dbapi_conn in traced:
+            dbapi_conn.set_trace_callback(None)
     plans = []
     with catalog.engine.connect() as conn:
-        for statement, parameters in statements:
-            rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()
+        for statement in statements:
+            rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement).all()
             plans.append(" | ".join(str(r[-1]) for r in rows))
     return plans
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from retrieval.core.errors import ClipdexError
 from retrieval.core.hits import Hit
+from retrieval.storage.ann import CandidateFilter
 from retrieval.storage.records import ImageRecord
 from retrieval.storage.vector_store import VectorStore
 
@@ -21,8 +22,10 @@ def top_hits(
     *,
     allowed_ids: np.ndarray | None = None,
     exclude_ids: Sequence[int] = (),
+    candidate_filter: CandidateFilter | None = None,
 ) -> list[Hit]:
-    """Top-k images by cosine similarity to `vector` (normalised here), ties broken by id."""
+    """Top-k images by cosine similarity to `vector` (normalised here), ties broken by id;
+    restricted to `allowed_ids`, or to the matches of `candidate_filter` (VectorStore.filter_plan)."""
     if k <= 0:
         return []
     dim = store.dim
@@ -38,7 +41,7 @@ def top_hits(
     want = k + len(excluded)
     while True:
         # Exact cosines in both modes: an ANN index's candidates are re-scored from the catalog.
-        scores, ids = store.search(q, want, allowed_ids)
+        scores, ids = store.search(q, want, allowed_ids, candidate_filter=candidate_filter)
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in excluded]
         records = store.catalog.records([i for _, i in pairs])
         # Never trust a FAISS id without its catalog row (deleted since this reader loaded).
@@ -83,6 +86,7 @@ def search_page(
     k: int,
     *,
     allowed_ids: np.ndarray | None = None,
+    candidate_filter: CandidateFilter | None = None,
     cutoffs: Cutoffs = Cutoffs(),
 ) -> list[Hit]:
     """Hits offset+1 .. offset+k of the full ranking (score descending, ties by id), after the
@@ -95,7 +99,14 @@ def search_page(
     end = cutoffs.offset + k
     want = end + 1
     while True:
-        hits = top_hits(store, vector, want, allowed_ids=allowed_ids, exclude_ids=cutoffs.exclude_ids)
+        hits = top_hits(
+            store,
+            vector,
+            want,
+            allowed_ids=allowed_ids,
+            exclude_ids=cutoffs.exclude_ids,
+            candidate_filter=candidate_filter,
+        )
         if len(hits) < want or hits[-1].score < hits[end - 1].score:
             break
         want *= 2

@@ -117,6 +117,10 @@ class AnnIndex:
         self.ivf.nprobe = max(1, min(int(value), self.nlist))
 
     @property
+    def pq_codes(self) -> bool:
+        return isinstance(self.ivf, faiss.IndexIVFPQ)
+
+    @property
     def description(self) -> str:
         """The factory string it was built from, e.g. 'IVF4096,PQ64'."""
         codes = "SQ8" if isinstance(self.ivf, faiss.IndexIVFScalarQuantizer) else ""
@@ -286,20 +290,47 @@ def _selector(ids: np.ndarray) -> faiss.IDSelector:
 
 
 # -- exact answers from approximate candidates ---------------------------------------------------
+class CandidateFilter:
+    """A filter that matches many images: checked on the candidates of an unfiltered search by
+    `keep` (Catalog.filter_ids), so that no id list as long as the matches is built. Where its
+    matches turn out rarer near the query than `list_below` (a share of the index), listing
+    them pays better: `all_ids` (Catalog.select_ids), called once at most."""
+
+    def __init__(
+        self,
+        keep: Callable[[np.ndarray], np.ndarray],
+        all_ids: Callable[[], np.ndarray],
+        list_below: float,
+    ):
+        self.keep = keep  # candidate ids -> those that match (sorted)
+        self._all_ids = all_ids
+        self._listed: np.ndarray | None = None
+        self.list_below = list_below
+
+    def all_ids(self) -> np.ndarray:
+        if self._listed is None:
+            self._listed = sorted_unique(self._all_ids())
+        return self._listed
+
+
 def search_exact(
     index: AnnIndex,
     vectors_of: VectorsOf,
     queries: np.ndarray,
     k: int,
     allowed_ids: np.ndarray | None = None,
+    candidate_filter: CandidateFilter | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (exact cosines, ids) for each query row, padded with -1 like FaissIndex.search.
 
     Candidates come from the IVF codes; the top `rerank_depth(k)` are scored again from the
     stored vectors. With `allowed_ids`, few matches are scored exactly (all of them: the result
-    is then exact), many go through the index with an ID selector and a raised nprobe; a filter
-    never shortens the result: while fewer than k allowed vectors were reached, 4x more lists
-    are scanned, up to all of them (README: `-k 10` returns 10 hits whenever 10 images match).
+    is then exact), more go through the index with an ID selector and an nprobe raised by the
+    filter's selectivity (index_rules.filtered_nprobe). With `candidate_filter` (a filter
+    matching many images), an unfiltered search's candidates are checked against it
+    (`_post_filtered`). A filter never shortens the result: while fewer than k matching vectors
+    were reached, more lists are scanned, up to all of them (README: `-k 10` returns 10 hits
+    whenever 10 images match).
     """
     q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, index.dim)
     k = max(1, min(int(k), max(index.ntotal, 1)))
@@ -308,31 +339,71 @@ def search_exact(
     out_i = np.full((len(q), k), -1, np.int64)
     if index.ntotal == 0 or (allowed is not None and len(allowed) == 0):
         return out_s, out_i
-    if allowed is not None and len(allowed) <= index_rules.SMALL_FILTER:
-        ids, vecs = vectors_of(allowed)
-        for row in range(len(q)):
-            _fill(out_s[row], out_i[row], *_top(_cosines(vecs, q[row]), ids, k))
-        return out_s, out_i
-    nprobe = index.nprobe
-    reachable = index.ntotal
-    if allowed is not None:
-        nprobe = index_rules.filtered_nprobe(nprobe, index.nlist, len(allowed) / index.ntotal)
-        reachable = len(allowed)
-    depth = index_rules.rerank_depth(k)
-    need = min(k, reachable)
     for row in range(len(q)):
-        probe = nprobe
-        while True:
-            _, cand = index.search(q[row], depth, allowed, nprobe=probe)
-            cand = cand[0][cand[0] >= 0]
-            if len(cand) >= need or probe >= index.nlist:
-                break
-            # The lists scanned held fewer than k (allowed) vectors: scan 4x as many, up to all
-            # of them, so that k are returned whenever k exist.
-            probe = min(index.nlist, probe * 4)
-        ids, vecs = vectors_of(np.unique(cand))
+        kept = None
+        if candidate_filter is not None and allowed is None:
+            kept = _post_filtered(index, q[row], k, candidate_filter)
+            if kept is None:  # the candidates kept missing the filter: list its matches
+                allowed = candidate_filter.all_ids()
+                if len(allowed) == 0:
+                    return out_s, out_i
+        if kept is None:
+            kept = _selected(index, q[row], k, allowed, vectors_of)
+        ids, vecs = vectors_of(kept)
         _fill(out_s[row], out_i[row], *_top(_cosines(vecs, q[row]), ids, k))
     return out_s, out_i
+
+
+def _selected(
+    index: AnnIndex, q: np.ndarray, k: int, allowed: np.ndarray | None, vectors_of: VectorsOf
+) -> np.ndarray:
+    """The ids to score exactly for one query: every allowed id when there are few, else the
+    top rerank-depth candidates of a search restricted to `allowed` (None: unfiltered)."""
+    if allowed is not None and len(allowed) <= index_rules.exact_filter_limit(index.pq_codes):
+        return allowed
+    nprobe = index.nprobe
+    if allowed is not None:
+        nprobe = index_rules.filtered_nprobe(nprobe, index.nlist, len(allowed) / index.ntotal)
+    need = min(k, index.ntotal if allowed is None else len(allowed))
+    depth = index_rules.rerank_depth(k)
+    while True:
+        _, cand = index.search(q, depth, allowed, nprobe=nprobe)
+        cand = cand[0][cand[0] >= 0]
+        if len(cand) >= need or nprobe >= index.nlist:
+            return np.unique(cand)
+        # The lists scanned held fewer than k (allowed) vectors: scan 4x as many, up to all
+        # of them, so that k are returned whenever k exist.
+        nprobe = min(index.nlist, nprobe * 4)
+
+
+def _post_filtered(index: AnnIndex, q: np.ndarray, k: int, matches: CandidateFilter) -> np.ndarray | None:
+    """The ids to score exactly for one query under a filter matching many images: the
+    top rerank-depth matching candidates of an unfiltered search, or None where listing the
+    matches pays better (they are rarer near the query than `matches.list_below`).
+
+    Each pass asks for enough candidates, from enough lists, that about rerank-depth of them
+    match if the filter's share `sel` holds near the query (index_rules.post_filter_candidates,
+    filtered_nprobe); the candidates checked tell its share there. A pass that kept k matches,
+    with an nprobe at least half what the share seen asks for, answers; otherwise the next pass
+    assumes the share seen (halving it at least, down to `list_below`).
+    """
+    depth = index_rules.rerank_depth(k)
+    floor = matches.list_below
+    sel = max(index_rules.POST_FILTER_PRIOR, floor)
+    while True:
+        nprobe = index_rules.filtered_nprobe(index.nprobe, index.nlist, sel)
+        want = min(index.ntotal, index_rules.post_filter_candidates(depth, sel))
+        _, cand = index.search(q, want, nprobe=nprobe)
+        cand = cand[0][cand[0] >= 0]
+        kept = cand[np.isin(cand, matches.keep(cand))]  # in the codes' order, best first
+        seen = len(kept) / len(cand) if len(cand) else 0.0
+        everything = nprobe >= index.nlist and want >= index.ntotal
+        asks = index_rules.filtered_nprobe(index.nprobe, index.nlist, seen)
+        if everything or (len(kept) >= k and 2 * nprobe >= asks):
+            return kept[:depth]
+        if seen < floor or sel <= floor:
+            return None
+        sel = max(floor, min(sel / 2, seen))
 
 
 def _cosines(vecs: np.ndarray, q: np.ndarray) -> np.ndarray:

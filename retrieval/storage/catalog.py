@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,15 +34,12 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import (
     Integer,
-    LargeBinary,
-    and_,
     create_engine,
     delete,
     event,
     func,
     insert,
     literal,
-    literal_column,
     or_,
     select,
     update,
@@ -76,6 +74,7 @@ from .schema import (
 )
 
 CATALOG_NAME = "catalog.sqlite"
+_IMAGES, _TAGS = ImageRow.__tablename__, TagRow.__tablename__
 PAGE_SIZE = 32768  # for new catalogs; see the module's docstring
 NORM_TOLERANCE = 1e-3  # stored vectors are unit-norm float32, within float32 rounding of the encoders
 
@@ -432,28 +431,25 @@ class Catalog:
             yield from snap.iter_embedding_blobs(batch, model_id)
 
     # -- filters --------------------------------------------------------------------------
+    # Filters are compiled to SQL text here (`_filter_sql`) and run straight on the driver: at
+    # 100k images SQLAlchemy's compiling of a filtered statement cost 1.3 ms and its per-row
+    # processing ~2 us a row (select_ids of 50k ids: 140 ms; on the driver 45 ms), against
+    # 0.2 ms for SQLite to count a 1% folder.
     def select_ids(self, filters: Filters) -> np.ndarray:
-        """Sorted ids of the images that meet `filters` (compiled by _filter_conditions)."""
-        with self.engine.connect() as conn:
-            ids = list(self._matching_ids(conn, filters, []))
-        return np.sort(np.asarray(ids, dtype=np.int64))
+        """Sorted ids of the images that meet `filters` (compiled by _filter_sql)."""
+        return np.sort(self._matching_ids(filters))
 
     def count_matches(self, filters: Filters, limit: int | None = None) -> int:
         """How many images meet `filters`, counting no further than `limit`: cheap enough to pick
         a search plan by selectivity before any id is fetched."""
         if limit is not None and limit <= 0:
             return 0
-        conditions = self._filter_conditions(filters)
-        with self.engine.connect() as conn:
-            if not filters.globs:
-                inner = select(ImageRow.id).where(*conditions).limit(limit).subquery()
-                return int(conn.execute(select(func.count()).select_from(inner)).scalar_one())
-            count = 0
-            for _ in self._matching_ids(conn, filters, []):
-                count += 1
-                if limit is not None and count >= limit:
-                    break
-            return count
+        if filters.globs:
+            return len(self._matching_ids(filters, limit=limit))
+        where, params = self._filter_sql(filters)
+        sql = f"SELECT count(*) FROM (SELECT id FROM {_IMAGES} WHERE {where} LIMIT ?)"
+        with self._driver_rows(sql, [*params, -1 if limit is None else int(limit)]) as rows:
+            return int(rows.fetchone()[0])
 
     def filter_ids(self, ids: Sequence[int] | np.ndarray, filters: Filters) -> np.ndarray:
         """Sorted ids of those of `ids` (candidates, e.g. from an approximate search) that exist
@@ -462,11 +458,9 @@ class Catalog:
         if not candidates:
             return np.empty(0, np.int64)
         # All candidates as one JSON parameter (json_each): one statement, and half the time of
-        # chunks of 900 bound parameters (SQLAlchemy expands and compiles each IN list).
-        listed = func.json_each(json.dumps(candidates)).table_valued("value")
-        with self.engine.connect() as conn:
-            found = list(self._matching_ids(conn, filters, [ImageRow.id.in_(select(listed.c.value))]))
-        return np.sort(np.asarray(found, dtype=np.int64))
+        # chunks of 900 bound parameters.
+        listed = ("id IN (SELECT value FROM json_each(?))", [json.dumps(candidates)])
+        return np.sort(self._matching_ids(filters, listed))
 
     def known_paths(self, paths: Sequence[str]) -> set[str]:
         """Those of `paths` that the catalog holds (through the unique index on path)."""
@@ -476,59 +470,100 @@ class Catalog:
                 out.update(conn.execute(select(ImageRow.path).where(ImageRow.path.in_(chunk))).scalars())
         return out
 
-    def _matching_ids(self, conn: Connection, filters: Filters, extra: list) -> Iterator[int]:
-        """Ids meeting `filters` and `extra` conditions, streamed; globs are checked here, on the
-        paths of the rows the SQL conditions let through."""
-        conditions = self._filter_conditions(filters) + extra
+    def _matching_ids(
+        self, filters: Filters, extra: tuple[str, list] | None = None, limit: int | None = None
+    ) -> np.ndarray:
+        """Ids meeting `filters` and an `extra` (SQL, parameters) condition, unsorted, the first
+        `limit` found; globs are checked here, on the paths of the rows the SQL lets through."""
+        where, params = self._filter_sql(filters)
+        if extra is not None:
+            where, params = f"{where} AND {extra[0]}", [*params, *extra[1]]
         if not filters.globs:
-            yield from conn.execute(select(ImageRow.id).where(*conditions)).scalars()
-            return
-        for row_id, path in conn.execute(select(ImageRow.id, ImageRow.path).where(*conditions)):
-            if any(glob_matches(g, path) for g in filters.globs):
-                yield row_id
+            # The ids as one text, parsed by numpy: Python's sqlite3 builds a tuple a row (~0.6 us;
+            # 10k ids at 1M images: 6.6 ms, this 1.8 ms).
+            sql = f"SELECT group_concat(id, ' ') FROM (SELECT id FROM {_IMAGES} WHERE {where} LIMIT ?)"
+            with self._driver_rows(sql, [*params, -1 if limit is None else int(limit)]) as rows:
+                text = rows.fetchone()[0]
+            return np.empty(0, np.int64) if text is None else np.fromstring(text, dtype=np.int64, sep=" ")
+        globs, ids = filters.globs, []
+        with self._driver_rows(f"SELECT id, path FROM {_IMAGES} WHERE {where}", params) as rows:
+            for row_id, raw_path in rows:
+                # The path as FsPath reads it: the stored bytes, decoded as the filesystem does.
+                if any(glob_matches(g, os.fsdecode(raw_path)) for g in globs):
+                    ids.append(row_id)
+                    if limit is not None and len(ids) >= limit:
+                        break
+        return np.asarray(ids, dtype=np.int64)
 
-    def _filter_conditions(self, filters: Filters) -> list:
-        """`filters` as SQL conditions, each answerable through an index where one exists.
+    @contextmanager
+    def _driver_rows(self, sql: str, params: Sequence) -> Iterator[sqlite3.Cursor]:
+        """The DBAPI cursor of one SELECT: no result processing (paths come back as their
+        stored bytes). Autocommit, as every read outside a snapshot: it sees the last commit."""
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            try:
+                yield cursor.execute(sql, tuple(params))
+            finally:
+                cursor.close()
+        finally:
+            raw.close()
+
+    def _filter_sql(self, filters: Filters) -> tuple[str, list]:
+        """`filters` as one SQL condition on `images` and its parameters, each part answerable
+        through an index where one exists.
 
         Folders are ranges of the path index: stored paths are bytes (FsPath), compared as
         memcmp, so the paths under prefix P (which ends in '/') are exactly P <= path < P' with
         P' = P with its last byte raised by one; no LIKE or GLOB, whose metacharacters and
         case rules a folder name could trip. A glob whose pattern starts with a literal absolute
         path gets the same range as a pre-filter; every glob is then checked in Python (fnmatch)
-        on the rows left. Types compare the stored names (Pillow's, upper case) as they are, so
-        that the index on `format` serves them. Tags: one indexed lookup per label.
+        on the rows left. Dates compare the indexed expression, verbatim. Types compare the
+        stored names (Pillow's, upper case) as they are, so that the index on `format` serves
+        them. Tags: one indexed lookup per label.
         """
-        conditions: list = []
+        parts: list[str] = []
+        params: list = []
+
+        def ranges(prefixes: Sequence[bytes]) -> None:
+            alternatives = []
+            for prefix in prefixes:
+                upper = _prefix_end(prefix)
+                alternatives.append("path >= ?" if upper is None else "(path >= ? AND path < ?)")
+                params.extend([prefix] if upper is None else [prefix, upper])
+            parts.append("(" + " OR ".join(alternatives) + ")")
+
         if filters.folders:
-            conditions.append(or_(*(_path_range(p) for p in folder_prefixes(filters.folders))))
+            ranges(folder_prefixes(filters.folders))
         if filters.globs:
             prefixes = [_glob_prefix(g) for g in filters.globs]
             if all(p is not None for p in prefixes):
-                conditions.append(or_(*(_path_range(p) for p in prefixes)))  # type: ignore[arg-type]
-        if filters.after is not None or filters.before is not None:
-            taken = literal_column(TAKEN_OR_CHANGED)  # the indexed expression, verbatim
-            if filters.after is not None:
-                conditions.append(taken >= float(filters.after))
-            if filters.before is not None:
-                conditions.append(taken < float(filters.before))
+                ranges(prefixes)  # type: ignore[arg-type]
+        if filters.after is not None:
+            parts.append(f"{TAKEN_OR_CHANGED} >= ?")
+            params.append(float(filters.after))
+        if filters.before is not None:
+            parts.append(f"{TAKEN_OR_CHANGED} < ?")
+            params.append(float(filters.before))
         if filters.formats:
-            conditions.append(ImageRow.format.in_(sorted({f.upper() for f in filters.formats})))
+            names = sorted({f.upper() for f in filters.formats})
+            parts.append(f"format IN ({','.join('?' * len(names))})")
+            params.extend(names)
         if filters.min_width is not None:
-            conditions.append(ImageRow.width >= int(filters.min_width))
+            parts.append("width >= ?")
+            params.append(int(filters.min_width))
         if filters.min_height is not None:
-            conditions.append(ImageRow.height >= int(filters.min_height))
+            parts.append("height >= ?")
+            params.append(int(filters.min_height))
         if filters.tags:
             if not self.has_tags():
                 raise ClipdexError(
                     "no tags stored in this index: run 'clipdex classify --labels ... --store' first"
                 )
             for label in dict.fromkeys(filters.tags):
-                conditions.append(
-                    select(TagRow.image_id)
-                    .where(TagRow.image_id == ImageRow.id, TagRow.label == label)
-                    .exists()
-                )
-        return conditions
+                parts.append(f"EXISTS (SELECT 1 FROM {_TAGS} WHERE image_id = {_IMAGES}.id AND label = ?)")
+                params.append(label)
+        return (" AND ".join(parts) if parts else "1"), params
 
     # -- tags -------------------------------------------------------------------------------
     def replace_tags(self, image_ids: Sequence[int], labels: Sequence[str], rows: Sequence[dict]) -> int:
@@ -665,13 +700,6 @@ def open_catalog(directory: Path, *, create: bool) -> Catalog:
         raise IndexNotFoundError(f"no index at {directory}: build one with 'clipdex index FOLDER'")
     with WriterLock(directory):
         return Catalog.open(directory, create=True)
-
-
-def _path_range(prefix: bytes):  # type: ignore[no-untyped-def]
-    """Stored paths that start with `prefix` (bytes), as a range of the path index."""
-    lower = ImageRow.path >= literal(prefix, LargeBinary)
-    upper = _prefix_end(prefix)
-    return lower if upper is None else and_(lower, ImageRow.path < literal(upper, LargeBinary))
 
 
 def _prefix_end(prefix: bytes) -> bytes | None:

@@ -34,10 +34,25 @@ RERANK_FACTOR = 4
 # A filter matching at most this many images is scored exactly from the catalog (all of them:
 # an exact answer) instead of through the ANN index with an ID selector. Measured at 200k x 512
 # (IVF2048,SQ8, nprobe 1; 2 loaded cores), p50 of a filtered top-10, exact scan / ID selector:
-# 100 allowed 4.5 / 6.3 ms, 300 8.5 / 7.1 ms, 1000 65 / 8.8 ms, 10000 207 / 3.6 ms. Reading a
-# vector from SQLite costs 20-60 us; the selector's cost barely grows as the filter narrows
-# (the raised nprobe, then x4 steps until k allowed vectors are reached).
-SMALL_FILTER = 256
+# 100 allowed 4.5 / 6.3 ms, 300 8.5 / 7.1 ms, 1000 65 / 8.8 ms, 10000 207 / 3.6 ms. Since nprobe
+# grows as 1/selectivity (filtered_nprobe), a rare filter scans every list: re-measured (CPU
+# time, random allowed ids, exact / selector), 100k IVF2048,SQ8: 256 1.5 / 2.4 ms, 512 3.2 / 1.8;
+# 1M IVF4096,PQ64: 256 1.4 / 14.9, 1024 5.2 / 11.3 (PQ computes a table per list scanned, ~2.4 us:
+# there the crossover is nearer 2000). Reading a vector from SQLite: ~5 us.
+SMALL_FILTER = 256  # SQ8 codes (exact_filter_limit)
+SMALL_FILTER_PQ = 1024  # PQ codes
+# A filtered ANN search lists the matching ids (Catalog.select_ids, ~0.8 us an id) when they are
+# few, else checks the candidates of an unfiltered search against the filter (Catalog.filter_ids,
+# ~4 us a candidate, 1.25 * depth / share of them). The two costs cross where the filter's share
+# of the images is about sqrt(LIST_CROSSOVER / n) (list_share_below): 7.7% at 100k, 2.4% at 1M.
+# Measured (structured 512-d sets, rank() p50, list / candidates): 100k IVF2048,SQ8: 2% 7 / 20 ms,
+# 5% 13 / 13, 10% 25 / 12; 1M IVF4096,PQ64: 2% 35 / 46, 5% 84 / 24, 10% 176 / 18, 50% 438 / 7.
+# - POST_FILTER_PRIOR: the share the first candidate check assumes; its candidates then tell
+#   the filter's share near the query, and a share under the crossover lists the matches.
+# - POST_FILTER_MARGIN: extra candidates, so that ~depth of them match.
+LIST_CROSSOVER = 600
+POST_FILTER_PRIOR = 0.5
+POST_FILTER_MARGIN = 1.25
 
 
 @dataclass(frozen=True)
@@ -156,13 +171,41 @@ def rerank_depth(k: int) -> int:
 
 
 def filtered_nprobe(nprobe: int, nlist: int, selectivity: float) -> int:
-    """nprobe for an ID-selected search where `selectivity` of the vectors are allowed: each
-    list scanned yields only that fraction of candidates, so scan more lists (up to 1/selectivity
-    times, capped at 8x and at every list)."""
+    """nprobe for a filtered search where `selectivity` of the vectors match: the k nearest
+    matches lie about as far out as the k/selectivity nearest vectors, so scan 1/selectivity
+    times the lists the unfiltered search needs (measured `nprobe`), up to all of them.
+
+    Uncapped: with an ID selector FAISS skips the distance of every id not selected, so the
+    extra lists cost walking their ids (and for PQ codes a table per list, ~2.4 us): at 100k x
+    512, IVF2048,SQ8, a 1% filter reached recall@10 0.97 at nprobe 300 for 0.7 ms; the former
+    cap of 8x left it at 0.74."""
     if selectivity <= 0:
         return nlist
-    boost = min(8.0, max(1.0, 1.0 / selectivity))
-    return int(min(nlist, max(nprobe, math.ceil(nprobe * boost))))
+    return int(min(nlist, max(nprobe, math.ceil(nprobe / min(1.0, selectivity)))))
+
+
+def exact_filter_limit(pq_codes: bool) -> int:
+    """A filtered ANN search scores every match exactly when there are at most this many: reading
+    them costs less than scanning the lists a rare filter needs (see SMALL_FILTER)."""
+    return SMALL_FILTER_PQ if pq_codes else SMALL_FILTER
+
+
+def post_filter_candidates(depth: int, selectivity: float) -> int:
+    """Candidates an unfiltered search returns for post-filtering, so that about `depth` of
+    them match (with a margin: the matches near the query vary around the filter's share)."""
+    return math.ceil(POST_FILTER_MARGIN * depth / max(selectivity, 1e-9))
+
+
+def list_share_below(n: int) -> float:
+    """The share of an index's `n` images under which a filter's matches are better listed
+    (cost ~ share * n) than checked on candidates (cost ~ 1 / share): see LIST_CROSSOVER."""
+    return min(1.0, math.sqrt(LIST_CROSSOVER / max(n, 1)))
+
+
+def list_matches_below(n: int) -> int:
+    """Matches under which a filter is listed: count_matches counts this far and no further
+    (~0.15 us a row: 3.5 ms at 1M for a filter matching more)."""
+    return max(1, math.ceil(list_share_below(n) * n))
 
 
 def pick_nprobe(recall_at: Callable[[int], float], nlist: int, target: float) -> tuple[int, float]:

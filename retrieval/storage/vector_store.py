@@ -16,13 +16,16 @@ rewrite (`should_save`): the catalog, not the file, is the durable copy.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from retrieval.core.errors import ClipdexError
+from retrieval.core.filters import Filters
 
-from .ann import AnnIndex, catalog_vectors, load_cache, search_exact
+from . import index_rules
+from .ann import AnnIndex, CandidateFilter, catalog_vectors, load_cache, search_exact
 from .catalog import Catalog, CatalogSnapshot, CatalogState, Changes, decode_vectors
 from .faiss_index import FAISS_FILE, FaissIndex, ReconcileReport, Stamp, apply_to, reconcile
 
@@ -72,6 +75,19 @@ def stamp_of(state: CatalogState) -> Stamp | None:
 def apply_changes(faiss: FaissIndex, changes: Changes) -> ReconcileReport:
     """Removals first: an id removed and written again after the stamp ends up with its new vector."""
     return apply_to(faiss, changes.removed, changes.added, changes.vectors)
+
+
+@dataclass(frozen=True)
+class FilterPlan:
+    """Which images a filtered search may return: the sorted ids of every match, or a check of
+    candidate ids (ann.CandidateFilter) for a filter matching many images. Neither: unfiltered."""
+
+    allowed_ids: np.ndarray | None = None
+    candidate_filter: CandidateFilter | None = None
+
+    @property
+    def lists_matches(self) -> bool:
+        return self.allowed_ids is not None
 
 
 class VectorStore:
@@ -213,14 +229,46 @@ class VectorStore:
             self.catalog.trim_changes(replaced)
 
     def search(
-        self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed_ids: np.ndarray | None = None,
+        *,
+        candidate_filter: CandidateFilter | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (exact cosines, ids) per query row, -1 where fewer exist: the flat index answers
-        exactly; an ANN index's candidates are scored again from the catalog (storage.ann)."""
+        exactly; an ANN index's candidates are scored again from the catalog (storage.ann).
+        `candidate_filter` (from `filter_plan`) restricts the search like `allowed_ids` without
+        listing the matches."""
         index = self.faiss
         if isinstance(index, AnnIndex):
-            return search_exact(index, catalog_vectors(self.catalog, index.dim), queries, k, allowed_ids)
+            vectors_of = catalog_vectors(self.catalog, index.dim)
+            return search_exact(index, vectors_of, queries, k, allowed_ids, candidate_filter)
+        if candidate_filter is not None and allowed_ids is None:
+            allowed_ids = candidate_filter.all_ids()  # exact search: the filter runs inside FAISS
         return index.search(queries, k, allowed_ids)
+
+    def filter_plan(self, filters: Filters) -> FilterPlan:
+        """How a search applies `filters`, by their selectivity. An exact (flat) index, or an
+        ANN index and few matches (counted up to index_rules.list_matches_below), list the
+        matching ids (Catalog.select_ids); more matches are checked on the ANN search's
+        candidates (Catalog.filter_ids), so that no id list as long as the matches is built (a
+        50% filter at 1M: 500k ids, 0.44 s), and listed only where the candidates show them
+        rarer near the query than that (storage.ann._post_filtered). The filter is exact."""
+        index = self.faiss
+        if not isinstance(index, AnnIndex):
+            return FilterPlan(allowed_ids=self.catalog.select_ids(filters))
+        limit = index_rules.list_matches_below(index.ntotal)
+        if self.catalog.count_matches(filters, limit) < limit:
+            return FilterPlan(allowed_ids=self.catalog.select_ids(filters))
+        catalog = self.catalog
+        return FilterPlan(
+            candidate_filter=CandidateFilter(
+                keep=lambda ids: catalog.filter_ids(ids, filters),
+                all_ids=lambda: catalog.select_ids(filters),
+                list_below=index_rules.list_share_below(index.ntotal),
+            )
+        )
 
     def exact_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(sorted ids, their exact vectors) of everything searchable: from the flat index, or
