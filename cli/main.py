@@ -8,6 +8,7 @@ are imported, so that the two overlap.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -372,6 +373,7 @@ def search(
         index_dir, device, query, k, filters, min_score, within, offset, include_self, prefetched
     )
     print_hits(hits, _fmt(json_, jsonl, paths), preview=preview)
+    _answered.set()
 
 
 def _run_query(
@@ -426,6 +428,7 @@ def similar(
     filters = _filters(folders, globs, after, before, types, min_width, min_height, tags)
     hits = _run_query(index_dir, device, query, k, filters, min_score, within, offset, include_self)
     print_hits(hits, _fmt(json_, jsonl, paths), preview=preview)
+    _answered.set()
 
 
 @app.command()
@@ -654,6 +657,28 @@ def run() -> None:
     except KeyboardInterrupt:
         print("clipdex: interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as exc:
+        if _answered.is_set() and exc.code in (None, 0):
+            _exit_now()
+        raise
+    if _answered.is_set():
+        _exit_now()
+
+
+# Set by the commands that only read the index and print (search, similar): once their answer is
+# out, the interpreter's teardown (freeing the text tower's session and its thread pools, module
+# finalisation) is pure waiting for the user: 0.25 s of a 1.45 s cold search here.
+_answered = threading.Event()
+
+
+def _exit_now() -> None:
+    code = 0
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a reader that went away (`| head`): what Python's own exit would report
+            code = 120
+    os._exit(code)
 
 
 @app.command()
