@@ -16,19 +16,14 @@ and no flat copy on disk next to the catalog's (at 1M x 512 that copy alone is 2
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from retrieval.core.errors import IndexWriteError
-
 from . import index_rules
-from .faiss_index import FaissIndex, Stamp, _omp_threads
+from .faiss_index import FaissIndex, Stamp, omp_threads, save_stamped
 
 _FLAT_HEADER = b"IxM2"  # FAISS's fourcc of IndexIDMap2, the flat cache's outer index
 _READ_CHUNK = 1 << 22
@@ -181,37 +176,12 @@ class AnnIndex:
         if allowed_ids is not None:
             sel = _selector(sorted_unique(allowed_ids))
             params.sel = sel
-        with _omp_threads(1 if len(q) <= 4 else None):
+        with omp_threads(1 if len(q) <= 4 else None):
             return self.index.search(q, k, params=params)
 
     def save(self, path: Path, stamp: Stamp | None = None) -> None:
-        """Write atomically (temporary file, fsync, rename, fsync dir), stamped like FaissIndex's.
-        FAISS writes the file itself: no serialised copy of the index in memory."""
-        directory = path.parent
-        tmp_name = None
-        try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-            os.close(fd)
-            faiss.write_index(self.index, tmp_name)
-            with open(tmp_name, "ab") as f:
-                if stamp is not None:
-                    f.write(stamp.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, path)
-            tmp_name = None
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except (OSError, RuntimeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise IndexWriteError(f"cannot write {path}: {reason}; the previous file is intact") from None
-        finally:
-            if tmp_name is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp_name)
+        """Atomically, stamped like FaissIndex's (faiss_index.save_stamped)."""
+        save_stamped(self.index, path, stamp)
 
 
 def nearest(x: np.ndarray, centroids: np.ndarray, chunk: int = 4096) -> np.ndarray:

@@ -372,14 +372,16 @@ class Catalog:
     def records(self, ids: Iterable[int] | None = None) -> dict[int, ImageRecord]:
         """Records by id: all of them, or those of `ids` that exist."""
         out: dict[int, ImageRecord] = {}
-        with self.engine.connect() as conn:
-            if ids is None:
+        if ids is None:
+            with self.engine.connect() as conn:
                 for row in conn.execute(select(*_RECORD_COLUMNS)):
                     out[row[0]] = ImageRecord(*row)
-                return out
-            for chunk in _chunks(list(ids), 900):
-                for row in conn.execute(select(*_RECORD_COLUMNS).where(ImageRow.id.in_(chunk))):
-                    out[row[0]] = ImageRecord(*row)
+            return out
+        # By id (the hits of every search): straight to the driver, as stored_vectors.
+        columns = ", ".join(c.name for c in _RECORD_COLUMNS)
+        sql = f"SELECT {columns} FROM {ImageRow.__tablename__} WHERE id IN "
+        for row in self._rows_by_ids(sql, [int(i) for i in ids]):
+            out[row[0]] = ImageRecord(row[0], os.fsdecode(row[1]), *row[2:])
         return out
 
     def ids_with_content_hash(self, digest: str) -> list[int]:
@@ -403,24 +405,29 @@ class Catalog:
     def stored_vectors(self, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of those of `ids` that have a vector of the active model, in the order
         given (the exact re-ranking of an approximate search: ~100 ids a query). Straight to
-        the driver: SQLAlchemy's per-row processing cost ~50 us a row, 10x SQLite's lookup."""
+        the driver (_rows_by_ids)."""
         wanted = [int(i) for i in ids]
-        found: dict[int, bytes] = {}
         sql = (
             f"SELECT image_id, vector FROM {VectorRow.__tablename__} WHERE model_id = "
             f"(SELECT id FROM {ModelRow.__tablename__} WHERE state = ?) AND image_id IN "
         )
+        found: dict[int, bytes] = dict(self._rows_by_ids(sql, wanted, ACTIVE))
+        present = [i for i in wanted if i in found]
+        return np.asarray(present, dtype=np.int64), decode_vectors([found[i] for i in present], dim)
+
+    def _rows_by_ids(self, sql: str, ids: list[int], *params: object) -> Iterator[tuple]:
+        """Rows of `sql` (ending in "IN ") for `ids`, in chunks SQLite's parameter limit allows,
+        on the raw driver: SQLAlchemy's statement compiling and per-row processing cost about
+        10x SQLite's own lookups on the per-search paths (hits, exact re-ranking)."""
         raw = self.engine.raw_connection()  # pooled; autocommit: each statement sees a commit
         try:
             cursor = raw.cursor()
-            for chunk in _chunks(wanted, 900):
+            for chunk in _chunks(ids, 900):
                 marks = ",".join("?" * len(chunk))
-                found.update(cursor.execute(sql + f"({marks})", (ACTIVE, *chunk)).fetchall())
+                yield from cursor.execute(sql + f"({marks})", (*params, *chunk)).fetchall()
             cursor.close()
         finally:
             raw.close()
-        present = [i for i in wanted if i in found]
-        return np.asarray(present, dtype=np.int64), decode_vectors([found[i] for i in present], dim)
 
     def iter_embedding_blobs(
         self, batch: int = 4096, model_id: int | None = None

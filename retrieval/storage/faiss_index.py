@@ -240,40 +240,44 @@ class FaissIndex:
             if len(allowed) == 0:
                 return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed)))
-        with _omp_threads(1 if len(q) <= _FEW_QUERIES else None):
+        with omp_threads(1 if len(q) <= _FEW_QUERIES else None):
             return self.index.search(q, k, params=params)
 
     def save(self, path: Path, stamp: Stamp | None = None) -> None:
-        """Write atomically: a temporary file in the same directory, fsync, rename, fsync dir.
-        FAISS writes straight into the file (no serialised copy of the index in memory)."""
-        directory = path.parent
-        tmp_name = None
-        try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-            with os.fdopen(fd, "wb") as f:
-                _write_index(self.index, f)
-                if stamp is not None:
-                    f.write(stamp.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, path)
-            tmp_name = None
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
-            raise IndexWriteError(
-                f"cannot write {path}: {exc.strerror or exc}; the previous file is intact"
-            ) from None
-        finally:
-            if tmp_name is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp_name)
+        save_stamped(self.index, path, stamp)
 
 
 _FEW_QUERIES = 4
+
+
+def save_stamped(index: faiss.Index, path: Path, stamp: Stamp | None) -> None:
+    """Write any FAISS index with its stamp atomically: a temporary file in the same directory,
+    fsync, rename, fsync the directory. FAISS writes straight into the file (no serialised copy
+    of the index in memory)."""
+    directory = path.parent
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            _write_index(index, f)
+            if stamp is not None:
+                f.write(stamp.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: FAISS's own, e.g. an index it cannot write
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise IndexWriteError(f"cannot write {path}: {reason}; the previous file is intact") from None
+    finally:
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
 
 
 def _write_index(index: faiss.Index, f: BinaryIO) -> None:
@@ -311,7 +315,7 @@ def _read_index(f: BinaryIO, *, mmap: bool) -> faiss.Index:
 
 
 @contextlib.contextmanager
-def _omp_threads(threads: int | None) -> Iterator[None]:
+def omp_threads(threads: int | None) -> Iterator[None]:
     """FAISS's OpenMP threads for this calling thread, restored afterwards (None: unchanged).
 
     A flat scan for one query vector gains nothing from a second thread, and loses much when the
