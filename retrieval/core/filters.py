@@ -1,8 +1,9 @@
 """Exact search filters as values: which images a search may return.
 
-The catalog compiles them (storage.catalog.Catalog.select_ids) into the ids a search passes to
-FAISS as `allowed_ids`: a filter is applied inside the search, never to a top-k afterwards, so
-`-k 10` returns 10 hits whenever 10 images match.
+storage.vector_store.VectorStore.filter_plan applies them by selectivity: the matching ids
+listed (Catalog.select_ids) and searched alone, or, for many matches on an approximate index,
+the search's candidates checked (Catalog.filter_ids) and more asked for until enough match.
+Either way `-k 10` returns 10 hits whenever 10 images match.
 """
 
 from __future__ import annotations
