@@ -55,7 +55,7 @@ def test_training_sample_is_bounded():
 def test_rerank_depth_and_filtered_nprobe():
     assert rules.rerank_depth(10) == 100 and rules.rerank_depth(50) == 200
     assert rules.filtered_nprobe(16, 4096, 0.5) == 32
-    assert rules.filtered_nprobe(16, 4096, 0.01) == 128  # capped at 8x
+    assert rules.filtered_nprobe(16, 4096, 0.01) == 1600  # uncapped: selectors skip the rest cheaply
     assert rules.filtered_nprobe(16, 64, 0.01) == 64  # and at every list
     assert rules.filtered_nprobe(16, 4096, 1.0) == 16
 
@@ -85,3 +85,11 @@ def test_parse_size(text, size):
 def test_parse_size_refuses_nonsense_in_one_line(text):
     with pytest.raises(ClipdexError, match="size"):
         rules.parse_size(text)
+
+
+def test_the_measured_recall_must_clear_the_target_by_its_sampling_error():
+    # 256 held-out queries x 10: a measured 0.950 is as likely below 0.95 as above
+    assert rules.recall_to_measure(0.95, 2560) == pytest.approx(0.95 + 2 * (0.95 * 0.05 / 2560) ** 0.5)
+    assert 0.958 < rules.recall_to_measure(0.95, 2560) < 0.960
+    assert rules.recall_to_measure(0.95, 10**8) == pytest.approx(0.95, abs=1e-4)  # many: no margin
+    assert rules.recall_to_measure(1.0, 2560) == 1.0 and rules.recall_to_measure(0.9, 0) == 0.9
