@@ -208,6 +208,16 @@ def list_matches_below(n: int) -> int:
     return max(1, math.ceil(list_share_below(n) * n))
 
 
+def recall_to_measure(target: float, items: int) -> float:
+    """The recall the held-out measurement must show for the index's true recall to reach
+    `target`: the target plus two standard errors of a proportion over `items` (queries x k).
+    Measured on 256 queries, the bare target left 1M structured vectors at 0.950 measured and
+    0.949 on fresh queries; with the margin, 0.95 becomes 0.959."""
+    if items <= 0 or target >= 1.0:
+        return target
+    return min(1.0, target + 2.0 * math.sqrt(target * (1.0 - target) / items))
+
+
 def pick_nprobe(recall_at: Callable[[int], float], nlist: int, target: float) -> tuple[int, float]:
     """The smallest nprobe whose measured recall reaches `target`: doubling from 1, then a
     bisection between the last two powers of two (recall grows with nprobe). All lists scanned

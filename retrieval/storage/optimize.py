@@ -184,7 +184,8 @@ def _build_ann(
         _, found = ann.search(q, depth, nprobe=nprobe)
         return _recall(found, truth.ids)
 
-    nprobe, recall = index_rules.pick_nprobe(recall_at, plan.nlist, target)
+    needed = index_rules.recall_to_measure(target, int((truth.ids >= 0).sum()))
+    nprobe, recall = index_rules.pick_nprobe(recall_at, plan.nlist, needed)
     ann.add(held, q)  # the held-out vectors belong in the index too
     return ann, nprobe, round(recall, 4), len(held)
 
