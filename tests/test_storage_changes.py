@@ -18,6 +18,7 @@ import pytest
 
 import retrieval.storage.faiss_index as faiss_index_mod
 import retrieval.storage.vector_store as vector_store_mod
+import retrieval.storage.writer as writer_mod
 from retrieval.storage.catalog import CATALOG_NAME, PAGE_SIZE, Catalog, open_catalog
 from retrieval.storage.faiss_index import FAISS_FILE, FaissIndex
 from retrieval.storage.records import NewImage
@@ -160,6 +161,36 @@ def test_a_writer_adding_a_few_images_leaves_the_file_untouched(base):
         assert hits == new_ids  # a fresh reader finds each new image by its own vector
         assert store.faiss.ntotal == 203
         assert verify_index(store, check_files=False).ok  # the lagging file is no problem
+    finally:
+        store.catalog.close()
+
+
+def test_an_index_that_missed_a_commit_is_never_stamped_as_holding_it(base, monkeypatch):
+    """The catalog commits, then applying the change in memory fails (no memory left for the copy
+    of a mapped index): the writer must not leave a file stamped with that commit without it."""
+    real_apply = writer_mod.apply_to
+    calls = []
+
+    def second_fails(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("no room to apply the commit")
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(writer_mod, "apply_to", second_fails)
+    catalog = open_catalog(base, create=False)
+    try:
+        with pytest.raises(MemoryError), IndexWriter(VectorStore(base, catalog)) as writer:
+            writer.reconcile()
+            writer.commit(added=new_images(30, 7, "a"))  # 30 unsaved > 10%: saved when the writer ends
+            writer.commit(added=new_images(3, 8, "b"))
+    finally:
+        catalog.close()
+    monkeypatch.undo()
+    store = VectorStore(base, Catalog.open(base))
+    try:
+        assert store.faiss.ntotal == 233  # every committed image is searchable
+        assert_store_equals_catalog(store)
     finally:
         store.catalog.close()
 

@@ -215,11 +215,13 @@ class VectorStore:
             self._unsaved += changes
 
     def save(self) -> None:
-        """Save, stamped with the catalog's current state. Only the writer calls this: it applied
-        every commit since it took the lock, so its FAISS index reflects that state. The removals
-        logged up to the replaced file's stamp are then of no use to any cache file: trimmed."""
-        state = self.catalog.state()
-        faiss = self.faiss
+        """Save, stamped with the catalog state the index in memory reflects (`_state`: the writer
+        moves it with each commit it applies, note_commit), never merely the catalog's latest: an
+        index that missed a commit must not be stamped as holding it. The removals logged up to
+        the replaced file's stamp are then of no use to any cache file: trimmed."""
+        faiss = self.faiss  # loads (and sets `_state`) if needed
+        state = self._state
+        assert state is not None
         stamp = stamp_of(state)
         faiss.save(self.path, stamp)
         faiss.stamp = stamp

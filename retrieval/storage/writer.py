@@ -143,13 +143,23 @@ class IndexWriter:
         )
         if faiss is not None:
             searchable = bool(added) and self._pending is None  # a reindex embeds for later
-            report = apply_to(
-                faiss,
-                np.asarray(removed, dtype=np.int64),
-                np.asarray(new_ids if searchable else [], dtype=np.int64),
-                np.stack([a.vector for a in added]) if searchable else np.empty((0, faiss.dim), np.float32),
-            )
-            self.store.note_commit(report.added + report.removed)
+            vectors = np.empty((0, faiss.dim), np.float32)
+            if searchable:
+                vectors = np.stack([a.vector for a in added])
+            try:
+                report = apply_to(
+                    faiss,
+                    np.asarray(removed, dtype=np.int64),
+                    np.asarray(new_ids if searchable else [], dtype=np.int64),
+                    vectors,
+                )
+                self.store.note_commit(report.added + report.removed)
+            except BaseException:
+                # The catalog holds the commit, the index in memory may hold part of it, or all
+                # of it without knowing (a second Ctrl-C between the two calls): drop the index
+                # (the next use catches up from the file and the log), never save it.
+                self.store.reset()
+                raise
         self._save_if_due()
         return new_ids
 
