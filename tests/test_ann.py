@@ -337,3 +337,32 @@ def test_optimize_if_needed_builds_once_then_only_after_the_library_doubles(tmp_
         assert again is not None and again.plan.vectors == 6001
         assert isinstance(store.faiss, AnnIndex) and store.faiss.ntotal == 6001
     catalog.close()
+
+
+def test_a_reader_re_ranks_with_its_own_models_vectors_after_a_reindex_swap(tmp_path):
+    """A reader that has not refreshed since a reindex swapped in another model (same dimension)
+    keeps scoring its candidates with the vectors of the model its index and query belong to."""
+    directory = tmp_path / "index"
+    vectors = clustered(3000, seed=3)
+    make_index(directory, vectors)
+    catalog = open_catalog(directory, create=False)
+    optimize(VectorStore(directory, catalog), exact_below=1000, queries=100)
+    reader = VectorStore(directory, Catalog.open(directory))
+    try:
+        assert isinstance(reader.faiss, AnnIndex)
+        ids = catalog.ids()
+        old = catalog.embeddings(ids.tolist(), DIM)
+        other = {**SIGNATURE, "pretrained": "other-weights"}
+        with IndexWriter(VectorStore(directory, catalog)) as writer:
+            writer.begin_reindex(other, lambda a, b: a == b)
+            writer.commit(revectored=[(int(i), -v) for i, v in zip(ids, old)])  # other embeddings
+            assert writer.finish_reindex() is not None
+        q = vectors[17]
+        scores, found = reader.search(q, 10)  # no refresh: still the first model's index
+        found_ids = found[0][found[0] >= 0]
+        by_id = dict(zip(ids.tolist(), old.astype(np.float64) @ q.astype(np.float64)))
+        expected = [by_id[i] for i in found_ids.tolist()]
+        np.testing.assert_allclose(scores[0][: len(found_ids)], expected, atol=1e-6)
+    finally:
+        reader.catalog.close()
+        catalog.close()

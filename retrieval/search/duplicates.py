@@ -107,7 +107,7 @@ def ann_pairs(
         rows, cols = np.nonzero(close)
         if len(rows) == 0:
             continue
-        others, other_vecs = store.catalog.stored_vectors(np.unique(found[rows, cols]).tolist(), dim)
+        others, other_vecs = store.stored_vectors(np.unique(found[rows, cols]).tolist())
         where = {int(i): n for n, i in enumerate(others.tolist())}
         for r, c in zip(rows.tolist(), cols.tolist()):
             a, b = int(chunk_ids[r]), int(found[r, c])
@@ -125,8 +125,10 @@ def _rows_of(ids: np.ndarray, vecs: np.ndarray):  # type: ignore[no-untyped-def]
     return lambda group_ids: vecs[[position[i] for i in group_ids]]
 
 
-def _catalog_rows(store: VectorStore, dim: int):  # type: ignore[no-untyped-def]
-    return lambda group_ids: store.catalog.stored_vectors(group_ids, dim)[1]
+def _catalog_rows(store: VectorStore):  # type: ignore[no-untyped-def]
+    """The stored vectors of a group's members (those deleted meanwhile are left out: the group's
+    lowest and highest cosine are measured over the members still there)."""
+    return lambda group_ids: store.stored_vectors(group_ids)[1]
 
 
 def find_duplicates(store: VectorStore, threshold: float = DEFAULT_THRESHOLD) -> list[DuplicateGroup]:
@@ -142,7 +144,7 @@ def find_duplicates(store: VectorStore, threshold: float = DEFAULT_THRESHOLD) ->
         return []
     if isinstance(faiss, AnnIndex):
         pairs = ann_pairs(store, faiss, threshold)
-        vectors_of = _catalog_rows(store, faiss.dim)
+        vectors_of = _catalog_rows(store)
     else:
         vecs = faiss.reconstruct_all()
         pairs = similar_pairs(ids, vecs, faiss.index, threshold)

@@ -392,9 +392,3 @@ def _top(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 def _fill(row_s: np.ndarray, row_i: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> None:
     row_s[: len(scores)] = scores
     row_i[: len(ids)] = ids
-
-
-def catalog_vectors(catalog, dim: int) -> VectorsOf:  # type: ignore[no-untyped-def]
-    """`vectors_of` reading the catalog: ids without a stored vector (deleted since this reader
-    loaded, or added for a pending model only) are left out."""
-    return lambda ids: catalog.stored_vectors(ids.tolist(), dim)

@@ -402,16 +402,14 @@ class Catalog:
         with self.snapshot() as snap:
             return snap.embeddings(ids, dim, model_id)
 
-    def stored_vectors(self, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) of those of `ids` that have a vector of the active model, in the order
-        given (the exact re-ranking of an approximate search: ~100 ids a query). Straight to
-        the driver (_rows_by_ids)."""
+    def stored_vectors(self, ids: Sequence[int], dim: int, model_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of those of `ids` that have a vector of model `model_id`, in the order
+        given (the exact re-ranking of an approximate search: ~100 ids a query). The model is the
+        caller's (the one its index and query belong to), not whichever is active by now: a
+        reindex may have swapped in another one since. Straight to the driver (_rows_by_ids)."""
         wanted = [int(i) for i in ids]
-        sql = (
-            f"SELECT image_id, vector FROM {VectorRow.__tablename__} WHERE model_id = "
-            f"(SELECT id FROM {ModelRow.__tablename__} WHERE state = ?) AND image_id IN "
-        )
-        found: dict[int, bytes] = dict(self._rows_by_ids(sql, wanted, ACTIVE))
+        sql = f"SELECT image_id, vector FROM {VectorRow.__tablename__} WHERE model_id = ? AND image_id IN "
+        found: dict[int, bytes] = dict(self._rows_by_ids(sql, wanted, int(model_id)))
         present = [i for i in wanted if i in found]
         return np.asarray(present, dtype=np.int64), decode_vectors([found[i] for i in present], dim)
 

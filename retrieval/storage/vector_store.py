@@ -25,7 +25,7 @@ from retrieval.core.errors import ClipdexError
 from retrieval.core.filters import Filters
 
 from . import index_rules
-from .ann import AnnIndex, CandidateFilter, catalog_vectors, load_cache, search_exact
+from .ann import AnnIndex, CandidateFilter, load_cache, search_exact
 from .catalog import Catalog, CatalogSnapshot, CatalogState, Changes, decode_vectors
 from .faiss_index import FAISS_FILE, FaissIndex, ReconcileReport, Stamp, apply_to, reconcile
 
@@ -244,7 +244,7 @@ class VectorStore:
         listing the matches."""
         index = self.faiss
         if isinstance(index, AnnIndex):
-            vectors_of = catalog_vectors(self.catalog, index.dim)
+            vectors_of = lambda ids: self.stored_vectors(ids.tolist())  # noqa: E731
             return search_exact(index, vectors_of, queries, k, allowed_ids, candidate_filter)
         if candidate_filter is not None and allowed_ids is None:
             allowed_ids = candidate_filter.all_ids()  # exact search: the filter runs inside FAISS
@@ -272,13 +272,20 @@ class VectorStore:
             )
         )
 
+    def stored_vectors(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of those of `ids` stored for the model this index holds (ids deleted
+        since it loaded are left out): the exact vectors behind an ANN index's codes."""
+        index = self.faiss
+        assert self._state is not None and self._state.model_id is not None
+        return self.catalog.stored_vectors(ids, index.dim, self._state.model_id)
+
     def exact_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(sorted ids, their exact vectors) of everything searchable: from the flat index, or
         for an ANN index (codes only) from the catalog."""
         index = self.faiss
         ids = index.ids()
         if isinstance(index, AnnIndex):
-            return catalog_vectors(self.catalog, index.dim)(np.sort(ids))
+            return self.stored_vectors(np.sort(ids).tolist())
         order = np.argsort(ids, kind="stable")
         return ids[order], index.reconstruct_all()[order]
 
