@@ -240,6 +240,14 @@ def test_openvino_bf16_runs_from_a_float16_copy_made_once(tmp_path: Path, refere
     assert OpenVinoImageEncoder(export, "bf16", cache=tmp_path / "ov").path.stat().st_mtime_ns == made
     # float32 keeps the float32 weights: it is meant to be exact
     assert OpenVinoImageEncoder(export, "fp32", cache=tmp_path / "ov").path == export
+    # a copy damaged by a crash of the machine is dropped: the run uses the export, and the next
+    # one makes the copy again
+    encoder.path.with_suffix(".bin").write_bytes(b"")
+    damaged = OpenVinoImageEncoder(export, "bf16", cache=tmp_path / "ov")
+    assert damaged.path == export and not encoder.path.exists()
+    few = pixels.numpy()[:2]
+    np.testing.assert_allclose(damaged.encode(few), encoder.encode(few), atol=1e-2)
+    assert OpenVinoImageEncoder(export, "bf16", cache=tmp_path / "ov").path == encoder.path
 
 
 def test_auto_device_without_a_cuda_driver_needs_no_torch(monkeypatch):

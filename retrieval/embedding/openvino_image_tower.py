@@ -47,7 +47,16 @@ class OpenVinoImageEncoder:
             core.set_property({"CACHE_DIR": str(cache)})
             if precision == "bf16":
                 self.path = compact_copy(core, self.path, Path(cache))
-        model = core.read_model(str(self.path))
+        try:
+            model = core.read_model(str(self.path))
+        except RuntimeError:
+            if self.path == Path(path):
+                raise
+            # A damaged copy (a crash of the machine while it was written): drop it, use the export.
+            for part in (self.path, self.path.with_suffix(".bin")):
+                part.unlink(missing_ok=True)
+            self.path = Path(path)
+            model = core.read_model(str(self.path))
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": _HINTS[precision],
             "INFERENCE_NUM_THREADS": self.threads,
@@ -89,10 +98,18 @@ def compact_copy(core: Any, onnx_path: Path, folder: Path) -> Path:
     tmp = folder / f".{xml.stem}.{os.getpid()}.tmp.xml"
     try:
         ov.save_model(core.read_model(str(onnx_path)), str(tmp), compress_to_fp16=True)
+        for part in (tmp.with_suffix(".bin"), tmp):  # on disk before either name is taken
+            with open(part, "rb") as f:
+                os.fsync(f.fileno())
         # The .xml names no .bin: OpenVINO reads the file of the same stem, so the .bin goes
         # first and the .xml's rename marks the pair complete.
         os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
         os.replace(tmp, xml)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except (OSError, RuntimeError):
         return onnx_path  # a read-only cache: run from the export itself
     finally:
