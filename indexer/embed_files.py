@@ -18,7 +18,8 @@ from retrieval.embedding.image_models import ImageModel
 
 from .decode import DecodeOptions, model_input_size
 from .pipeline import DecodePool
-from .sync import _stack, default_decode_workers
+from .stages import stack_pixels
+from .sync import default_decode_workers
 
 Progress = Callable[[int, int], None]  # (files done, files in all)
 
@@ -67,7 +68,7 @@ def embed_image_files(
 
     def flush() -> None:
         if batch:
-            encoded = model.encode_images(_stack([d.pixels for d in batch]))
+            encoded = model.encode_images(stack_pixels([d.pixels for d in batch]))
             vectors.update((d.position, v) for d, v in zip(batch, encoded))
             batch.clear()
         if progress:

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.core.errors import ClipdexError
+from retrieval.core.locations import is_url
 from retrieval.embedding.image_models import IMAGE_MODEL_TYPES, ImageModel, load_image_model
 from retrieval.embedding.spec import ModelSignature, ModelSpec, check_spec_matches
 from retrieval.embedding.text_embedder import save_text_tower
@@ -265,20 +266,21 @@ def _import_shards(
             total -= len(emb)
             continue
         summary.rows += len(emb)
-        try:
-            for start in range(0, len(emb), opts.batch_size):
-                end = min(start + opts.batch_size, len(emb))
+        for start in range(0, len(emb), opts.batch_size):
+            end = min(start + opts.batch_size, len(emb))
+            try:
                 added = _batch(shard, emb, meta, start, end, dim, known, summary)
-                writer.commit(added=added)
-                summary.added += len(added)
-                done += end - start
-                if progress:
-                    progress(done, total)
-                if stop is not None and stop.is_set():
-                    summary.interrupted = True
-                    return
-        except (OSError, ValueError) as exc:  # a truncated .npy shows only when its rows are read
-            summary.bad_shards.append((str(shard.embeddings), f"unreadable from row {start}: {exc}"))
+            except (OSError, ValueError) as exc:  # a truncated .npy shows only when its rows are read
+                summary.bad_shards.append((str(shard.embeddings), f"unreadable from row {start}: {exc}"))
+                break
+            writer.commit(added=added)  # a failure here is the index's, not the shard's: raised
+            summary.added += len(added)
+            done += end - start
+            if progress:
+                progress(done, total)
+            if stop is not None and stop.is_set():
+                summary.interrupted = True
+                return
 
 
 def _open_embeddings(path: Path, dim: int) -> np.ndarray:
@@ -378,12 +380,6 @@ def _catalog_path(raw: object) -> str | None:
     if is_url(text):
         return text
     return os.path.abspath(os.path.expanduser(text))
-
-
-def is_url(path: str) -> bool:
-    """A catalog path that names a remote image (imported), not a local file."""
-    scheme, sep, _rest = path.partition("://")
-    return bool(sep) and scheme.isascii() and scheme.isalpha()
 
 
 def _new_image(path: str, meta: _Metadata, row: int, vector: np.ndarray) -> NewImage:

@@ -27,7 +27,7 @@ from .ignore import remember_excludes
 from .model_choice import resolve_model_spec
 from .plan import EmbedJob, Plan, make_plan
 from .scan import normalize_roots, scan, under_roots
-from .stages import Embedded, LocalRunner, Runner, StageSettings, StageTimes, stack_pixels
+from .stages import Embedded, LocalRunner, Runner, StageSettings, StageTimes
 
 
 @dataclass
@@ -296,9 +296,6 @@ def _embed(
     finally:
         summary.decode_seconds = times.decode_seconds
         summary.model_seconds += times.model_seconds
-
-
-_stack = stack_pixels  # indexer/embed_files.py imports it from here (now indexer.stages.stack_pixels)
 
 
 def _reembeds_same_file(job: EmbedJob) -> bool:

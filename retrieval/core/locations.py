@@ -21,3 +21,9 @@ def default_index_dir() -> Path:
 
 def resolve_index_dir(path: str | os.PathLike[str] | None) -> Path:
     return Path(path).expanduser() if path is not None else default_index_dir()
+
+
+def is_url(path: str) -> bool:
+    """A catalog path that names a remote image (`clipdex import` of a URL), not a local file."""
+    scheme, sep, _rest = path.partition("://")
+    return bool(sep) and scheme.isascii() and scheme.isalpha()

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from retrieval.core.locations import is_url
+
 from .ann import AnnIndex, load_cache
 from .catalog import NORM_TOLERANCE
 from .faiss_index import FAISS_FILE
@@ -111,7 +113,7 @@ def verify_index(store: VectorStore, *, repair: bool = False, check_files: bool 
     if check_files:
         for record in catalog.records().values():
             # A row of `clipdex import` may name a URL: there is no local file to look for.
-            if not os.path.exists(record.path) and not _is_url(record.path):
+            if not os.path.exists(record.path) and not is_url(record.path):
                 report.missing_files.append(record.path)
 
     if repair and report.problems:
@@ -128,8 +130,3 @@ def verify_index(store: VectorStore, *, repair: bool = False, check_files: bool 
                 report.repaired.append(f"rebuilt {FAISS_FILE} from the catalog ({rebuilt.ntotal} vectors)")
         report.problems.clear()
     return report
-
-
-def _is_url(path: str) -> bool:
-    scheme, sep, _rest = path.partition("://")
-    return bool(sep) and scheme.isascii() and scheme.isalpha()
