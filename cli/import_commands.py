@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .output import ProgressBar, safe
+from .output import ProgressBar, interruptible, safe
 
 
 def import_command(
@@ -62,25 +60,9 @@ def import_command(
 
     spec = resolve_model_spec(index_dir, model, pretrained)
     options = ImportOptions(batch_size=batch_size, path_column=path_column, optimize=not no_optimize)
-    stop = threading.Event()
     bar = ProgressBar("row", keep=True)
-
-    def on_sigint(signum, frame):  # type: ignore[no-untyped-def]
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping after the batch in flight (Ctrl-C again to stop now)", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
+    with interruptible(bar) as stop:
         summary = import_embeddings(embeddings_dir, index_dir, spec, options, progress=bar.update, stop=stop)
-    except KeyboardInterrupt:
-        bar.close()
-        print("clipdex: interrupted; every batch committed before is kept", file=sys.stderr)
-        raise typer.Exit(130) from None
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        bar.close()
     if json_:
         data = vars(summary).copy()
         data["rejected_examples"] = [{"where": w, "reason": r} for w, r in summary.rejected_examples]

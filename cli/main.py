@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -21,7 +20,7 @@ import typer
 
 from retrieval.core.errors import ClipdexError
 
-from .output import ProgressBar, human_bytes, print_hits, safe
+from .output import ProgressBar, human_bytes, interruptible, print_hits, safe
 
 app = typer.Typer(
     add_completion=False,
@@ -155,28 +154,11 @@ def index(
         reindex=reindex,
         excludes=tuple(exclude) if exclude is not None else None,
     )
-    stop = threading.Event()
     bar = ProgressBar("img")
-
-    def on_sigint(signum, frame):  # type: ignore[no-untyped-def]
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping after the batch in flight (Ctrl-C again to stop now)", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
+    with interruptible(bar) as stop:
         summary = index_folders(
             folders, index_dir, spec, options, progress=bar.update, stop=stop, runner=runner
         )
-    except KeyboardInterrupt:
-        # Typer would turn this into a silent exit; say what happened to the work.
-        bar.close()
-        print("clipdex: interrupted; every batch committed before is kept", file=sys.stderr)
-        raise typer.Exit(130) from None
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        bar.close()
     if errors is not None:
         with open(errors, "w", encoding="utf-8", errors="backslashreplace") as f:
             for path, reason in summary.failed:

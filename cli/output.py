@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
+
+import typer
 
 from retrieval.core.hits import Hit
 
@@ -158,3 +163,28 @@ class ProgressBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+@contextmanager
+def interruptible(bar: ProgressBar) -> Iterator[threading.Event]:
+    """A long run's Ctrl-C: the first sets the event (the run stops after the batch in flight and
+    reports), a second one stops at once: exit status 130, and what was committed stays."""
+    stop = threading.Event()
+
+    def on_sigint(signum, frame):  # type: ignore[no-untyped-def]
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after the batch in flight (Ctrl-C again to stop now)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    except KeyboardInterrupt:
+        # Typer would turn this into a silent exit; say what happened to the work.
+        bar.close()
+        print("clipdex: interrupted; every batch committed before is kept", file=sys.stderr)
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
