@@ -18,7 +18,7 @@ from retrieval.core.locations import is_url
 
 from .ann import AnnIndex, load_cache
 from .catalog import NORM_TOLERANCE
-from .faiss_index import FAISS_FILE
+from .faiss_index import FAISS_FILE, reconcile
 from .vector_store import VectorStore, apply_changes, stamp_is_ancestor, stamp_is_current
 from .writer import IndexWriter
 
@@ -43,10 +43,18 @@ def verify_index(store: VectorStore, *, repair: bool = False, check_files: bool 
             report.problems.append("images are indexed but the model record is missing")
         return report
     dim = store.dim
+    with catalog.snapshot() as snap:  # the vectors, the state and the log as of one commit
+        return _verify(store, snap, report, dim, repair=repair, check_files=check_files)
+
+
+def _verify(  # type: ignore[no-untyped-def]
+    store: VectorStore, snap, report: VerifyReport, dim: int, *, repair: bool, check_files: bool
+) -> VerifyReport:
+    catalog = store.catalog
     bad_ids: list[int] = []
     good_ids: list[np.ndarray] = []
     good_vecs: list[np.ndarray] = []
-    for ids, blobs in catalog.iter_embedding_blobs():
+    for ids, blobs in snap.iter_embedding_blobs():
         for row_id, blob in zip(ids.tolist(), blobs):
             vec = np.frombuffer(blob, dtype=np.float32) if len(blob) == dim * 4 else None
             if (
@@ -77,18 +85,22 @@ def verify_index(store: VectorStore, *, repair: bool = False, check_files: bool 
 
     catalog_ids = np.asarray(good_ids, dtype=np.int64)
     stored = load_cache(store.path, dim)  # flat or ANN (clipdex optimize)
-    state = catalog.state()
+    state = snap.state()
     faiss_ok = False
     if stored is None:
         if report.images:
             report.problems.append(f"{FAISS_FILE} is missing or unreadable")
-    elif not (stamp_is_current(stored.stamp, state) or stamp_is_ancestor(stored.stamp, state, catalog)):
+    elif not (stamp_is_current(stored.stamp, state) or stamp_is_ancestor(stored.stamp, state, snap)):
         report.problems.append(f"{FAISS_FILE} does not belong to this catalog or its model (never used)")
     else:
+        # Brought up to this state as an opener would: from the log, or (a file older than the
+        # log) by the id diff. What is left to find is what an opener could not mend.
         assert stored.stamp is not None and state.model_id is not None
-        changes = catalog.changes_since(stored.stamp.generation, state.model_id, dim)
-        if changes is not None and changes.state == state:  # else (older than the log): as it is
+        changes = snap.changes_since(stored.stamp.generation, state.model_id, dim)
+        if changes is not None:
             apply_changes(stored, changes)
+        else:
+            reconcile(stored, snap.ids(), lambda ids: snap.embeddings(ids, dim))
         faiss_ids = stored.ids()
         extra = np.setdiff1d(faiss_ids, catalog_ids)
         missing = np.setdiff1d(catalog_ids, faiss_ids)
