@@ -26,6 +26,7 @@ import numpy as np
 
 from retrieval.embedding.clip_model import ClipModel
 from retrieval.embedding.image_models import ImageModel
+from retrieval.storage.records import NewImage
 
 from .decode import Decoded, DecodeFailure, DecodeOptions, SameContent, decode_job
 from .pipeline import DecodePool
@@ -34,21 +35,16 @@ from .plan import EmbedJob
 
 @dataclass
 class Embedded:
-    """A decoded file and its vector: what the writer commits (the pixels are dropped)."""
+    """A decoded file and its vector: the catalog row the writer commits (the pixels dropped),
+    with the job it came from (a changed file's previous row)."""
 
     job: EmbedJob
-    size: int
-    mtime_ns: int
-    content_hash: str
-    width: int
-    height: int
-    format: str | None
-    taken_at: float | None
-    vector: np.ndarray
+    image: NewImage
 
     @classmethod
     def of(cls, d: Decoded, vector: np.ndarray) -> Embedded:
-        return cls(d.job, d.size, d.mtime_ns, d.content_hash, d.width, d.height, d.format, d.taken_at, vector)
+        facts = (d.size, d.mtime_ns, d.content_hash, d.width, d.height, d.format, d.taken_at)
+        return cls(d.job, NewImage(d.job.info.path, *facts, vector))
 
 
 # What a runner yields: one model batch (committed whole), or one file that reached no model.

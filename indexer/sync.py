@@ -216,22 +216,10 @@ def _embed(
             replaced: list[int] = list(stale)
             revectored: list[tuple[int, np.ndarray]] = []
             for d in embedded:
-                if _reembeds_same_file(d.job) and d.content_hash == d.job.previous.content_hash:
-                    revectored.append((d.job.previous.id, d.vector))  # keeps its row, id and tags
+                if _reembeds_same_file(d.job) and d.image.content_hash == d.job.previous.content_hash:
+                    revectored.append((d.job.previous.id, d.image.vector))  # keeps its row, id and tags
                     continue
-                added.append(
-                    NewImage(
-                        d.job.info.path,
-                        d.size,
-                        d.mtime_ns,
-                        d.content_hash,
-                        d.width,
-                        d.height,
-                        d.format,
-                        d.taken_at,
-                        d.vector,
-                    )
-                )
+                added.append(d.image)
                 if d.job.previous is not None:
                     replaced.append(d.job.previous.id)
             writer.commit(
