@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from .options import IndexOpt, JsonOpt
 from .output import ProgressBar, interruptible, safe
 
 
@@ -31,12 +32,7 @@ def import_command(
             "[default: the index's, else the architecture's first open_clip tag].",
         ),
     ] = None,
-    index_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--index", "-i", help="Index folder (default: $CLIPDEX_INDEX or the per-user data folder)."
-        ),
-    ] = None,
+    index_dir: IndexOpt = None,
     path_column: Annotated[
         str,
         typer.Option(
@@ -51,7 +47,7 @@ def import_command(
     no_optimize: Annotated[
         bool, typer.Option("--no-optimize", help="Do not build the approximate index after a large import.")
     ] = False,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Import image embeddings made elsewhere (clip-retrieval, LAION-style sets): checked,
     normalised, resumable (running it again adds only what is missing)."""

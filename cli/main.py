@@ -20,6 +20,7 @@ import typer
 
 from retrieval.core.errors import ClipdexError
 
+from .options import IndexOpt, JsonOpt
 from .output import ProgressBar, human_bytes, interruptible, print_hits, safe
 
 app = typer.Typer(
@@ -37,12 +38,7 @@ class Fmt(str, Enum):
     paths = "paths"
 
 
-IndexOpt = Annotated[
-    Path | None,
-    typer.Option("--index", "-i", help="Index folder (default: $CLIPDEX_INDEX or the per-user data folder)."),
-]
 KOpt = Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 JsonlOpt = Annotated[bool, typer.Option("--jsonl", help="Print one JSON object a line.")]
 PathsOpt = Annotated[bool, typer.Option("--paths", help="Print bare paths, one a line (for xargs).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]

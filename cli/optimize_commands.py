@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from .options import IndexOpt, JsonOpt
 from .output import human_bytes, safe
 
 
@@ -31,13 +31,8 @@ def optimize_command(
         int,
         typer.Option("--exact-below", min=0, help="Keep exact search below this many images."),
     ] = 50_000,
-    index_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--index", "-i", help="Index folder (default: $CLIPDEX_INDEX or the per-user data folder)."
-        ),
-    ] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    index_dir: IndexOpt = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Build the vector index the rules choose: exact below 50,000 images, else an IVF index
     (SQ8 or PQ codes within --max-memory) whose candidates are re-ranked exactly; measures its
