@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .options import IndexOpt, JsonOpt
+from .options import CatalogOpt, IndexOpt, JsonOpt
 from .output import ProgressBar, interruptible, safe
 
 
@@ -47,6 +47,7 @@ def import_command(
     no_optimize: Annotated[
         bool, typer.Option("--no-optimize", help="Do not build the approximate index after a large import.")
     ] = False,
+    catalog: CatalogOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Import image embeddings made elsewhere (clip-retrieval, LAION-style sets): checked,
@@ -54,8 +55,10 @@ def import_command(
     from indexer.import_embeddings import ImportOptions, import_embeddings
     from indexer.model_choice import resolve_model_spec
 
-    spec = resolve_model_spec(index_dir, model, pretrained)
-    options = ImportOptions(batch_size=batch_size, path_column=path_column, optimize=not no_optimize)
+    spec = resolve_model_spec(index_dir, model, pretrained, catalog=catalog)
+    options = ImportOptions(
+        batch_size=batch_size, path_column=path_column, optimize=not no_optimize, catalog=catalog
+    )
     bar = ProgressBar("row", keep=True)
     with interruptible(bar) as stop:
         summary = import_embeddings(embeddings_dir, index_dir, spec, options, progress=bar.update, stop=stop)

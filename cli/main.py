@@ -20,7 +20,7 @@ import typer
 
 from retrieval.core.errors import ClipdexError
 
-from .options import IndexOpt, JsonOpt
+from .options import CatalogOpt, IndexOpt, JsonOpt
 from .output import ProgressBar, human_bytes, interruptible, print_hits, safe
 
 app = typer.Typer(
@@ -129,6 +129,7 @@ def index(
             "here; docs/scale-out.md.",
         ),
     ] = None,
+    catalog: CatalogOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Index image folders (incremental: only new and changed files are embedded)."""
@@ -141,8 +142,9 @@ def index(
         from indexer.ray_runner import RayRunner
 
         runner = RayRunner(ray)  # refuses at once where Ray is not installed
-    spec = resolve_model_spec(index_dir, model, pretrained, device, precision, backend)
+    spec = resolve_model_spec(index_dir, model, pretrained, device, precision, backend, catalog=catalog)
     options = IndexOptions(
+        catalog=catalog,
         batch_size=batch_size,
         decode_workers=workers,
         decode_timeout=timeout,

@@ -91,6 +91,7 @@ class ImportOptions:
     batch_size: int = 10_000  # rows per transaction
     path_column: str = "auto"  # auto: url when the row has one, else image_path
     optimize: bool = True  # build the ANN index after a large import
+    catalog: str | None = None  # a PostgreSQL catalog for a new index (storage.catalog_location)
 
 
 @dataclass
@@ -170,7 +171,7 @@ def import_embeddings(
     summary = ImportSummary(shards=len(shards), model=f"{spec.arch_name()} / {spec.pretrained}")
     summary.bad_shards.extend(orphans)
     directory = _make_index_dir(index_dir)
-    catalog = open_catalog(directory, create=True)
+    catalog = open_catalog(directory, create=True, url=opts.catalog)
     try:
         raw = catalog.model_signature()
         recorded = None if raw is None else ModelSignature.from_dict(raw)

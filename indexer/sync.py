@@ -67,6 +67,7 @@ class IndexOptions:
     # --exclude: replaces the patterns remembered for these roots ('' entries dropped, so [''] clears
     # them); None uses the remembered ones.
     excludes: tuple[str, ...] | None = None
+    catalog: str | None = None  # a PostgreSQL catalog for a new index (storage.catalog_location)
 
 
 Progress = Callable[[int, int], None]  # (files processed, files to process)
@@ -104,9 +105,12 @@ def index_folders(
     started = time.monotonic()
     root_list = normalize_roots(roots)
     # No model named: the index's own (or the default for a new index), as on the command line.
-    spec = model.spec if isinstance(model, IMAGE_MODEL_TYPES) else (model or resolve_model_spec(index_dir))
+    if isinstance(model, IMAGE_MODEL_TYPES):
+        spec = model.spec
+    else:
+        spec = model or resolve_model_spec(index_dir, catalog=opts.catalog)
     directory = _make_index_dir(index_dir)
-    catalog = open_catalog(directory, create=True)
+    catalog = open_catalog(directory, create=True, url=opts.catalog)
     summary = IndexSummary(model=f"{spec.arch_name()} / {spec.pretrained}")
     try:
         raw = catalog.model_signature()

@@ -14,6 +14,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # PyPI's torchvision cannot load ("operator torchvision::nms does not exist"): install from
   # the package index alone.
   env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null \
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,onnx,openvino,ray,parquet]"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,onnx,openvino,ray,parquet,postgresql]"
   touch "$stamp"
 fi

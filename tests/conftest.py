@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import shutil
 import sqlite3
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +278,120 @@ def local(served, tiny_clip_model):
     index.use_model(tiny_clip_model)
     yield index
     index.close()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+# scripts/test.sh starts a throwaway server on loopback (scripts/postgres.sh) and exports its URL
+# as CLIPDEX_TEST_POSTGRES. Each test that asks gets a schema of its own in that database,
+# selected by the URL itself (libpq's `options`), so subprocesses given the URL use it too.
+POSTGRES_ENV = "CLIPDEX_TEST_POSTGRES"
+CATALOG_ENV = "CLIPDEX_CATALOG"  # retrieval.storage.catalog_location: where a new index keeps its catalog
+# Sessions opened through a test's URL carry this name (plus the schema) in pg_stat_activity:
+# how the teardown finds the ones a test left open.
+POSTGRES_APP_PREFIX = "clipdex-test-"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_catalog_url_from_outside():
+    """A CLIPDEX_CATALOG in the developer's shell must never reach the tests (they would write
+    into that catalog): only `catalog_backend` sets it."""
+    mp = pytest.MonkeyPatch()
+    mp.delenv(CATALOG_ENV, raising=False)
+    yield
+    mp.undo()
+
+
+def postgres_base_url() -> str:
+    """The test server's URL (postgresql+psycopg://...), or a skip saying how to get one."""
+    url = os.environ.get(POSTGRES_ENV, "").strip()
+    if not url:
+        pytest.skip(
+            f"no PostgreSQL server: {POSTGRES_ENV} is unset (scripts/test.sh starts a throwaway one "
+            f"and sets it; or set it to a postgresql+psycopg:// URL of a database you can drop schemas in)"
+        )
+    return url
+
+
+def postgres_connect(url: str):  # -> psycopg.Connection
+    """A direct autocommit psycopg connection for a SQLAlchemy-form URL."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
+
+
+def schema_url(base_url: str, schema: str) -> str:
+    """`base_url` with its sessions in `schema` (search_path) and named for the teardown."""
+    joiner = "&" if "?" in base_url else "?"
+    name = POSTGRES_APP_PREFIX + schema
+    return f"{base_url}{joiner}options=-csearch_path%3D{schema}&application_name={name}"
+
+
+@contextmanager
+def postgres_schema(base_url: str) -> Iterator[str]:
+    """A fresh empty schema `t_<16 hex>` in `base_url`'s database for the duration; yields its URL."""
+    from psycopg import sql
+
+    schema = f"t_{secrets.token_hex(8)}"
+    with postgres_connect(base_url) as admin:
+        admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        yield schema_url(base_url, schema)
+    finally:
+        drop_postgres_schema(base_url, schema)
+
+
+def drop_postgres_schema(base_url: str, schema: str) -> None:
+    """DROP SCHEMA ... CASCADE, after ending the sessions a test left open in it (an engine never
+    disposed, a killed subprocess's backend): one idle in a transaction holds locks the drop
+    would wait for forever."""
+    import psycopg
+    from psycopg import sql
+
+    with postgres_connect(base_url) as admin:
+        # Recognised by name (the URL's application_name), or by the locks they hold on the
+        # schema or on a relation in it (a session that named itself otherwise, as the catalog's
+        # writer lock does).
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM ("
+            " SELECT pid FROM pg_stat_activity WHERE application_name = %(app)s"
+            " UNION SELECT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %(schema)s AND l.database = (SELECT oid FROM pg_database"
+            " WHERE datname = current_database())"
+            " UNION SELECT l.pid FROM pg_locks l JOIN pg_namespace n ON n.oid = l.objid"
+            " WHERE l.classid = 'pg_namespace'::regclass AND n.nspname = %(schema)s"
+            ") held WHERE pid <> pg_backend_pid()",
+            {"app": POSTGRES_APP_PREFIX + schema, "schema": schema},
+        )
+        # Terminated backends release their locks as they exit, within moments; one that took a
+        # lock after the query above would hold it until the timeout.
+        admin.execute("SET lock_timeout = '10s'")
+        try:
+            admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        except psycopg.errors.LockNotAvailable:
+            warnings.warn(
+                f"PostgreSQL schema {schema} left behind: a session still holds locks in it", stacklevel=2
+            )
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A SQLAlchemy URL of a fresh, empty schema of its own on the test server (dropped after
+    the test); skips without a server (see postgres_base_url)."""
+    pytest.importorskip("psycopg")
+    with postgres_schema(postgres_base_url()) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
+def catalog_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Runs a test once per catalog backend: a new index's catalog is SQLite in its folder, or
+    PostgreSQL in a fresh schema (CLIPDEX_CATALOG, inherited by subprocesses: the CLI too)."""
+    if request.param == "postgresql":
+        # Asked for here, not as a parameter: the sqlite runs never need a server.
+        monkeypatch.setenv(CATALOG_ENV, request.getfixturevalue("postgres_url"))
+    else:
+        monkeypatch.delenv(CATALOG_ENV, raising=False)
+    yield request.param

@@ -9,8 +9,9 @@ import pytest
 from sqlalchemy import insert, update
 
 from retrieval.core.errors import ClipdexError
-from retrieval.storage.catalog import CATALOG_NAME, SCHEMA_VERSION, Catalog, ImageRow
+from retrieval.storage.catalog import CATALOG_NAME, SCHEMA_VERSION, Catalog
 from retrieval.storage.records import Move, NewImage
+from retrieval.storage.schema import ImageRow
 
 
 def unit(seed: int, dim: int = 8) -> np.ndarray:
@@ -23,7 +24,8 @@ def new(path: str, seed: int = 0, size: int = 100, dim: int = 8) -> NewImage:
 
 
 @pytest.fixture
-def catalog(index_dir):
+def catalog(index_dir, catalog_backend):
+    """A catalog in SQLite, then in PostgreSQL (a fresh schema; skipped without a server)."""
     index_dir.mkdir()
     cat = Catalog.open(index_dir, create=True)
     cat.set_model_signature({"arch": "test", "dim": 8})

@@ -37,6 +37,7 @@ from conftest import TINY_ARCH, committed_rows, make_scene, set_mtime, write_sce
 from sqlalchemy import event
 
 import retrieval.storage.catalog as catalog_mod
+import retrieval.storage.catalog_writes as catalog_writes_mod
 import retrieval.storage.faiss_index as vectors_mod
 from indexer import IndexOptions, index_folders
 from retrieval.core.errors import IndexWriteError
@@ -261,7 +262,7 @@ def plant_kill(point: str, nth: int = 3) -> None:
     #2 follows batch 1, #3 batch 2; commits: #3 is batch 3)."""
     calls = [0]
     if point == "inside_the_catalog_transaction":
-        real_commit, real_exit = catalog_mod.Catalog.commit_changes, catalog_mod._WriteTxn.__exit__
+        real_commit, real_exit = catalog_mod.Catalog.commit_changes, catalog_writes_mod.WriteTxn.__exit__
         armed = [False]
 
         def commit_changes(self, *args, **kw):  # type: ignore[no-untyped-def]
@@ -275,7 +276,7 @@ def plant_kill(point: str, nth: int = 3) -> None:
             return real_exit(self, exc_type, exc, tb)
 
         catalog_mod.Catalog.commit_changes = commit_changes
-        catalog_mod._WriteTxn.__exit__ = exit_
+        catalog_writes_mod.WriteTxn.__exit__ = exit_
     elif point == "before_the_faiss_save":
         real_save = vectors_mod.FaissIndex.save
 
@@ -353,14 +354,14 @@ def test_a_kill_while_the_catalog_is_created_does_not_brick_the_index(tmp_path, 
     write_scenes(photos, 4)
 
     def arm() -> None:  # die on the catalog's first connection: SQLite made the file, no table yet
-        real = catalog_mod._make_engine
+        real = catalog_writes_mod.make_engine
 
-        def make_engine(db_path):  # type: ignore[no-untyped-def]
-            engine = real(db_path)
+        def make_engine(location):  # type: ignore[no-untyped-def]
+            engine = real(location)
             event.listen(engine, "connect", lambda *args: _kill_me())
             return engine
 
-        catalog_mod._make_engine = make_engine
+        catalog_writes_mod.make_engine = make_engine
 
     status = reap(fork_indexer(photos, index_dir, tiny_clip_model, arm=arm))
     if not killed_by_sigkill(status) or not (index_dir / CATALOG_NAME).exists():
@@ -530,11 +531,11 @@ def test_a_failed_faiss_write_is_a_clear_error_and_costs_nothing(tmp_path, tiny_
 
 
 def _catalog_fault(kind: str):  # type: ignore[no-untyped-def]
-    """A `_make_engine` whose connections cannot write: read-only, or a full disk."""
-    real = catalog_mod._make_engine
+    """A `make_engine` whose connections cannot write: read-only, or a full disk."""
+    real = catalog_writes_mod.make_engine
 
-    def make_engine(db_path):  # type: ignore[no-untyped-def]
-        engine = real(db_path)
+    def make_engine(location):  # type: ignore[no-untyped-def]
+        engine = real(location)
 
         @event.listens_for(engine, "connect")
         def _fault(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -554,10 +555,10 @@ def test_a_catalog_that_cannot_be_written_is_a_clear_error(kind, tmp_path, tiny_
     photos, index_dir = tmp_path / "photos", tmp_path / "index"
     write_scenes(photos, 8)
     # Small pages, so that 40 more rows need new pages, which the "full disk" refuses.
-    monkeypatch.setattr(catalog_mod, "PAGE_SIZE", 4096)
+    monkeypatch.setattr(catalog_writes_mod, "PAGE_SIZE", 4096)
     index_folders([photos], index_dir, tiny_clip_model)
     write_scenes(photos, 40, seed0=100, prefix="more")
-    monkeypatch.setattr(catalog_mod, "_make_engine", _catalog_fault(kind))
+    monkeypatch.setattr(catalog_writes_mod, "make_engine", _catalog_fault(kind))
     with pytest.raises(IndexWriteError, match=r"cannot write the catalog .*catalog\.sqlite"):
         index_folders([photos], index_dir, tiny_clip_model, IndexOptions(batch_size=4))
     monkeypatch.undo()

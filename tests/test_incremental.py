@@ -16,7 +16,9 @@ from retrieval.embedding.spec import ModelSpec
 from retrieval.index import ImageIndex
 from retrieval.storage.catalog import Catalog
 from retrieval.storage.faiss_index import FAISS_FILE, FaissIndex
-from retrieval.storage.lock import WriterLock
+
+# Every index run here once with its catalog in SQLite, once in PostgreSQL (conftest).
+pytestmark = pytest.mark.usefixtures("catalog_backend")
 
 
 def counts(summary) -> dict[str, int]:
@@ -304,8 +306,12 @@ def test_a_second_writer_is_refused(tmp_path, index_dir, tiny_clip_model):
     index_folders([folder], index_dir, model=tiny_clip_model)
     write_scenes(folder, 1, seed0=70, prefix="late")
     rows = state(index_dir)
-    with WriterLock(index_dir), pytest.raises(IndexLockedError):
-        index_folders([folder], index_dir, model=tiny_clip_model)
+    holder = Catalog.open(index_dir)  # its lock: an flock in the folder, or PostgreSQL's advisory lock
+    try:
+        with holder.writer_lock(), pytest.raises(IndexLockedError, match="being written by another"):
+            index_folders([folder], index_dir, model=tiny_clip_model)
+    finally:
+        holder.close()
     assert state(index_dir) == rows
     s = index_folders([folder], index_dir, model=tiny_clip_model)  # the lock was released
     assert s.added == 1

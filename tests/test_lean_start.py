@@ -20,6 +20,7 @@ from conftest import TINY_ARCH, make_scene, write_scenes
 
 from indexer import index_folders
 from retrieval.embedding.spec import ModelSpec
+from retrieval.index import ImageIndex
 from retrieval.storage.catalog import open_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,7 @@ def test_index_with_cached_exports_imports_neither_torch_nor_open_clip(
 import json, sys
 from indexer import index_folders
 from retrieval.embedding.spec import ModelSpec
+from retrieval.index import ImageIndex
 s = index_folders([sys.argv[1]], sys.argv[2], ModelSpec({TINY_ARCH!r}, "random", device={device!r}))
 print(json.dumps({{"added": s.added, "failed": len(s.failed),
                   "loaded": sorted(m for m in ("torch", "open_clip", "torchvision") if m in sys.modules)}}))
@@ -176,3 +178,30 @@ def test_an_index_from_before_the_cache_fills_it(tmp_path, monkeypatch):
     save_text_tower(index_dir, clip)
     assert text_export_path(clip.signature).is_file()
     assert lean_image_model(SPEC) is not None
+
+
+def test_a_cold_text_search_imports_neither_torch_nor_sqlalchemy(in_lean_cache, tmp_path, tiny_clip_model):
+    """A search in a fresh process reads the catalog on the driver (no SQLAlchemy: 0.28 s of a
+    cold search) and embeds the text with the exported tower (no torch); same hits as here."""
+    photos, index_dir = tmp_path / "photos", tmp_path / "index"
+    write_scenes(photos, 6)
+    index_folders([photos], index_dir, tiny_clip_model)
+    with ImageIndex.open(index_dir) as index:
+        want = [(h.id, round(h.score, 4)) for h in index.search_text("a red square", 4)]
+    child = """
+import json, sys
+from retrieval.index import ImageIndex
+with ImageIndex.open(sys.argv[1]) as index:
+    hits = [(h.id, round(h.score, 4)) for h in index.search_text("a red square", 4)]
+print(json.dumps({"hits": hits, "loaded": sorted(
+    m for m in ("torch", "open_clip", "sqlalchemy") if m in sys.modules)}))
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", child, str(index_dir)], capture_output=True, text=True, env=env, cwd=ROOT,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == []
+    assert [tuple(h) for h in result["hits"]] == want

@@ -21,6 +21,9 @@ from retrieval.index import ImageIndex
 from retrieval.storage.catalog import Catalog
 from retrieval.storage.verify import verify_index
 
+# Every index run here once with its catalog in SQLite, once in PostgreSQL (conftest).
+pytestmark = pytest.mark.usefixtures("catalog_backend")
+
 REINDEX = IndexOptions(reindex=True, batch_size=2, decode_workers=1)
 
 

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import text
 
 import retrieval.storage.faiss_index as faiss_index_mod
 import retrieval.storage.vector_store as vector_store_mod
 import retrieval.storage.writer as writer_mod
-from retrieval.storage.catalog import CATALOG_NAME, PAGE_SIZE, Catalog, open_catalog
+from retrieval.storage.catalog import CATALOG_NAME, Catalog, open_catalog
+from retrieval.storage.catalog_writes import PAGE_SIZE
 from retrieval.storage.faiss_index import FAISS_FILE, FaissIndex
 from retrieval.storage.records import NewImage
 from retrieval.storage.schema import CHANGES_FROM, SCHEMA_VERSION
@@ -82,8 +84,19 @@ def assert_store_equals_catalog(store: VectorStore) -> None:
 
 
 @pytest.fixture
-def base(tmp_path) -> Path:  # type: ignore[no-untyped-def]
-    """An index of 200 rows whose FAISS file holds all of them (a writer past the threshold)."""
+def base(tmp_path, catalog_backend) -> Path:  # type: ignore[no-untyped-def]
+    """An index of 200 rows whose FAISS file holds all of them (a writer past the threshold), its
+    catalog in SQLite, then in PostgreSQL."""
+    return make_base(tmp_path)
+
+
+@pytest.fixture
+def sqlite_base(tmp_path) -> Path:  # type: ignore[no-untyped-def]
+    """`base` with its catalog in SQLite: for the tests that reach into the file itself."""
+    return make_base(tmp_path)
+
+
+def make_base(tmp_path: Path) -> Path:
     index_dir = tmp_path / "index"
     index_dir.mkdir()
     write(index_dir, added=200, seed=1)
@@ -221,15 +234,11 @@ def test_the_removal_log_is_trimmed_when_the_file_is_rewritten(base):
     victims = catalog_view(base)[0][:30].tolist()
     write(base, removed=victims[:10], seed=7, save_after_changes=0)  # file rewritten: stamp g1
     write(base, removed=victims[10:], seed=8, save_after_changes=0)  # rewritten again: log up to g1 goes
-    with sqlite3.connect(base / CATALOG_NAME) as conn:
-        logged = conn.execute("SELECT image_id FROM removals").fetchall()
-        changes_from = int(
-            conn.execute("SELECT value FROM meta WHERE key = ?", (CHANGES_FROM,)).fetchone()[0]
-        )
-    assert sorted(i for (i,) in logged) == sorted(victims[10:])
-    assert changes_from > old_state.generation
     catalog = Catalog.open(base)
     try:
+        logged = catalog._rows("SELECT image_id FROM removals")  # what the triggers wrote
+        assert sorted(i for (i,) in logged) == sorted(victims[10:])
+        assert int(catalog.get_meta(CHANGES_FROM)) > old_state.generation
         assert catalog.changes_since(old_state.generation, old_state.model_id, DIM) is None  # too old
     finally:
         catalog.close()
@@ -297,7 +306,8 @@ def test_from_batches_refuses_a_count_that_does_not_match():
 
 
 # -- the schema ---------------------------------------------------------------------------------
-def test_a_new_catalog_has_large_pages_and_the_filter_indexes(base):
+def test_a_new_catalog_has_large_pages_and_the_filter_indexes(sqlite_base):
+    base = sqlite_base
     with sqlite3.connect(base / CATALOG_NAME) as conn:
         assert conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE == 32768
         indexed = {
@@ -330,7 +340,8 @@ def downgrade_to_schema_2(index_dir: Path) -> None:
         )
 
 
-def test_a_schema_2_catalog_is_upgraded_in_place(base, monkeypatch):
+def test_a_schema_2_catalog_is_upgraded_in_place(sqlite_base, monkeypatch):
+    base = sqlite_base
     victim = int(catalog_view(base)[0][0])
     downgrade_to_schema_2(base)
     # the upgrade happens on the first open, whoever opens it; the old file is stamped before it
@@ -384,7 +395,8 @@ def test_verify_reports_a_file_that_contradicts_the_log(base):
         store.catalog.close()
 
 
-def test_verify_accepts_a_file_older_than_the_log_as_openers_do(base):
+def test_verify_accepts_a_file_older_than_the_log_as_openers_do(sqlite_base):
+    base = sqlite_base
     """A file from before the change log starts (an upgraded catalog, a trimmed log) is caught up
     by the id diff when opened: verify checks it the same way instead of reporting it."""
     write(base, added=2, seed=14)  # the file lags by one commit
@@ -401,23 +413,29 @@ def test_verify_accepts_a_file_older_than_the_log_as_openers_do(base):
 
 
 def test_a_vector_inserted_without_its_generation_gets_the_latest(base):
-    """An insert path that forgets the column (a raw INSERT) still leaves a row openers catch up."""
+    """An insert path that forgets the column (a raw INSERT) still leaves a row openers catch up
+    (the trigger, in SQLite's and in PostgreSQL's language)."""
     catalog = Catalog.open(base)
     state = catalog.state()
     catalog.close()
     write(base, added=1, seed=13)  # one more commit, and a row to copy
-    with sqlite3.connect(base / CATALOG_NAME) as conn:
-        conn.execute("PRAGMA foreign_keys = ON")
+    catalog = Catalog.open(base)
+    with catalog._write() as conn:
+        image_id = conn.execute(
+            text(
+                "INSERT INTO images (id, path, size, mtime_ns, content_hash, width, height, format, "
+                "indexed_at) VALUES (100000, :path, 1, 1, 'raw', 1, 1, 'JPEG', 0) RETURNING id"
+            ),
+            {"path": b"/raw!"},
+        ).scalar_one()
         conn.execute(
-            "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, format, indexed_at) "
-            "VALUES (x'2f72617721', 1, 1, 'raw', 1, 1, 'JPEG', 0)"
+            text(
+                "INSERT INTO vectors (image_id, model_id, vector) "
+                "SELECT :image, model_id, vector FROM vectors ORDER BY image_id LIMIT 1"
+            ),
+            {"image": image_id},
         )
-        image_id = conn.execute("SELECT max(id) FROM images").fetchone()[0]
-        conn.execute(
-            "INSERT INTO vectors (image_id, model_id, vector) "
-            "SELECT ?, model_id, vector FROM vectors ORDER BY image_id LIMIT 1",
-            (image_id,),
-        )
+    catalog.close()
     catalog = Catalog.open(base)
     try:
         changes = catalog.changes_since(state.generation, state.model_id, DIM)

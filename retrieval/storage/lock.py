@@ -1,4 +1,5 @@
-"""One writer per index: an flock on `writer.lock` that names its holder.
+"""One writer per index: an flock on `writer.lock` that names its holder (SQLite catalogs), or
+a PostgreSQL advisory lock (PostgreSQL catalogs, written from several machines).
 
 flock is released by the kernel when the holder dies, SIGKILL included, so a crashed indexer
 never leaves the index stuck; the pid and host written into the file only serve the message.
@@ -13,8 +14,11 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
-from retrieval.core.errors import IndexLockedError
+from retrieval.core.errors import ClipdexError, IndexLockedError
+
+from .catalog_location import CatalogLocation
 
 LOCK_NAME = "writer.lock"
 
@@ -62,3 +66,62 @@ def _describe_holder(fd: int) -> str:
         return f"another clipdex process (pid {info['pid']} on {info['host']}, since {since})"
     except (ValueError, KeyError, TypeError):
         return "another clipdex process"
+
+
+class PostgresWriterLock:
+    """One writer per PostgreSQL catalog, whichever machine it runs on: a session advisory lock,
+    keyed by the catalog's schema (several catalogs may share a database), held on a connection
+    of its own for as long as the writer runs. The server releases it when that session ends, a
+    killed writer's included (its connection closes with the process)."""
+
+    _KEY = "hashtextextended('clipdex writer ' || current_schema(), 0)"
+
+    def __init__(self, location: CatalogLocation):
+        self.location = location
+        self._conn: Any = None
+
+    def acquire(self) -> PostgresWriterLock:
+        import psycopg  # only for PostgreSQL catalogs
+
+        name = f"clipdex writer (pid {os.getpid()} on {socket.gethostname()})"
+        try:
+            conn = psycopg.connect(
+                self.location.libpq_conninfo(), autocommit=True, application_name=name[:63]
+            )
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ClipdexError(f"cannot reach the catalog {self.location.describe()}: {reason}") from None
+        taken = conn.execute(f"SELECT pg_try_advisory_lock({self._KEY})").fetchone()[0]
+        if not taken:
+            holder = self._describe_holder(conn)
+            conn.close()
+            raise IndexLockedError(
+                f"the catalog {self.location.describe()} is being written by {holder}; wait for it to finish"
+            )
+        self._conn = conn
+        return self
+
+    def _describe_holder(self, conn: Any) -> str:
+        # An advisory lock on a bigint key shows in pg_locks as its high and low 32 bits.
+        row = conn.execute(
+            f"SELECT a.application_name, a.client_addr::text FROM pg_locks l "
+            f"JOIN pg_stat_activity a ON a.pid = l.pid, (SELECT {self._KEY} AS k) key "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+            "AND l.classid::bigint = (key.k >> 32) & 4294967295 AND l.objid::bigint = key.k & 4294967295"
+        ).fetchone()
+        if row is None or not row[0].startswith("clipdex writer ("):
+            return "another clipdex process"
+        return f"another clipdex process ({row[0].removeprefix('clipdex writer (').rstrip(')')})"
+
+    def release(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):  # closing the session releases it anyway
+                conn.execute(f"SELECT pg_advisory_unlock({self._KEY})")
+            conn.close()
+
+    def __enter__(self) -> PostgresWriterLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

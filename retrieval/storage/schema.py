@@ -25,6 +25,7 @@ import time
 import uuid
 
 from sqlalchemy import (
+    BigInteger,
     Float,
     ForeignKey,
     Index,
@@ -41,11 +42,13 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 3
-# meta key: the change log (vectors.generation, removals) is complete for every generation
-# after this one; catching up from an older stamp needs the full id diff.
-CHANGES_FROM = "changes_from"
-ACTIVE, PENDING = "active", "pending"
+from .schema_names import ACTIVE, CHANGES_FROM, PENDING, SCHEMA_VERSION, TAKEN_OR_CHANGED
+
+__all__ = ["ACTIVE", "CHANGES_FROM", "PENDING", "SCHEMA_VERSION", "TAKEN_OR_CHANGED"]
+
+# 64-bit integers: nanosecond mtimes, sizes over 2 GB and ids past 2^31 need them in PostgreSQL.
+# SQLite keeps its INTEGER (already 64-bit), which AUTOINCREMENT and rowid aliasing require.
+Int64 = BigInteger().with_variant(Integer, "sqlite")
 
 
 class FsPath(TypeDecorator[str]):
@@ -65,11 +68,6 @@ class Base(DeclarativeBase):
     pass
 
 
-# When a photo was taken, or else last changed: what the date filters compare (Catalog.select_ids
-# writes the very same expression, so that SQLite uses the index on it).
-TAKEN_OR_CHANGED = "coalesce(taken_at, mtime_ns / 1e9)"
-
-
 class ImageRow(Base):
     __tablename__ = "images"
     __table_args__ = (
@@ -77,10 +75,10 @@ class ImageRow(Base):
         {"sqlite_autoincrement": True},
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Int64, primary_key=True)
     path: Mapped[str] = mapped_column(FsPath, unique=True)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Int64)
+    mtime_ns: Mapped[int] = mapped_column(Int64)
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
@@ -108,10 +106,12 @@ class VectorRow(Base):
     __tablename__ = "vectors"
     __table_args__ = (Index("ix_vectors_by_generation", "model_id", "generation"),)
 
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(
+        Int64, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
-    generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    generation: Mapped[int | None] = mapped_column(Int64, nullable=True)
 
 
 class RemovalRow(Base):
@@ -120,34 +120,73 @@ class RemovalRow(Base):
 
     __tablename__ = "removals"
 
-    model_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    generation: Mapped[int] = mapped_column(Integer, primary_key=True)
-    image_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    generation: Mapped[int] = mapped_column(Int64, primary_key=True, autoincrement=False)
+    image_id: Mapped[int] = mapped_column(Int64, primary_key=True, autoincrement=False)
 
 
 # A vector inserted without its generation (by any statement that forgets it) gets the latest
 # one: a row without it would look older than every cache and never be caught up.
-_STAMP_INSERTS = """
-CREATE TRIGGER IF NOT EXISTS stamp_vector_generation AFTER INSERT ON vectors
-WHEN new.generation IS NULL
-BEGIN
-    UPDATE vectors SET generation = (SELECT max(generation) FROM commits)
-    WHERE image_id = new.image_id AND model_id = new.model_id;
-END
-"""
-
+#
 # Every deleted vector is logged by the transaction that deletes it, whichever statement did
 # (`DELETE FROM images` cascades here too), under that transaction's generation: writers record
 # their commit before they delete. Vectors deleted with their model are not logged (the model's
 # row is gone first): a cache of a deleted model is never caught up, it is rebuilt.
-_LOG_REMOVALS = """
-CREATE TRIGGER IF NOT EXISTS log_vector_removal AFTER DELETE ON vectors
-WHEN EXISTS (SELECT 1 FROM models WHERE id = old.model_id)
-BEGIN
-    INSERT OR IGNORE INTO removals (model_id, generation, image_id)
-    VALUES (old.model_id, (SELECT max(generation) FROM commits), old.image_id);
-END
-"""
+_TRIGGERS = {
+    "sqlite": [
+        """
+        CREATE TRIGGER IF NOT EXISTS stamp_vector_generation AFTER INSERT ON vectors
+        WHEN new.generation IS NULL
+        BEGIN
+            UPDATE vectors SET generation = (SELECT max(generation) FROM commits)
+            WHERE image_id = new.image_id AND model_id = new.model_id;
+        END
+        """,
+        """
+        CREATE TRIGGER IF NOT EXISTS log_vector_removal AFTER DELETE ON vectors
+        WHEN EXISTS (SELECT 1 FROM models WHERE id = old.model_id)
+        BEGIN
+            INSERT OR IGNORE INTO removals (model_id, generation, image_id)
+            VALUES (old.model_id, (SELECT max(generation) FROM commits), old.image_id);
+        END
+        """,
+    ],
+    # The same two in PL/pgSQL (a cascade's deletions run after its parent row is gone there too).
+    "postgresql": [
+        """
+        CREATE OR REPLACE FUNCTION clipdex_stamp_vector_generation() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.generation IS NULL THEN
+                NEW.generation := (SELECT max(generation) FROM commits);
+            END IF;
+            RETURN NEW;
+        END $$
+        """,
+        "DROP TRIGGER IF EXISTS stamp_vector_generation ON vectors",
+        """
+        CREATE TRIGGER stamp_vector_generation BEFORE INSERT ON vectors
+        FOR EACH ROW EXECUTE FUNCTION clipdex_stamp_vector_generation()
+        """,
+        """
+        CREATE OR REPLACE FUNCTION clipdex_log_vector_removal() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM models WHERE id = OLD.model_id) THEN
+                INSERT INTO removals (model_id, generation, image_id)
+                VALUES (OLD.model_id, (SELECT max(generation) FROM commits), OLD.image_id)
+                ON CONFLICT DO NOTHING;
+            END IF;
+            RETURN OLD;
+        END $$
+        """,
+        "DROP TRIGGER IF EXISTS log_vector_removal ON vectors",
+        """
+        CREATE TRIGGER log_vector_removal AFTER DELETE ON vectors
+        FOR EACH ROW EXECUTE FUNCTION clipdex_log_vector_removal()
+        """,
+    ],
+}
 
 
 class TagRow(Base):
@@ -156,7 +195,9 @@ class TagRow(Base):
     __tablename__ = "tags"
     __table_args__ = (Index("ix_tags_by_label", "label"),)
 
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(
+        Int64, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
     label: Mapped[str] = mapped_column(Text, primary_key=True)
     probability: Mapped[float] = mapped_column(Float)
 
@@ -167,7 +208,7 @@ class CommitRow(Base):
     __tablename__ = "commits"
     __table_args__ = {"sqlite_autoincrement": True}
 
-    generation: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(Int64, primary_key=True)
     nonce: Mapped[str] = mapped_column(String(32))
     at: Mapped[float] = mapped_column(Float)
 
@@ -179,8 +220,8 @@ class FailureRow(Base):
     __tablename__ = "failures"
 
     path: Mapped[str] = mapped_column(FsPath, primary_key=True)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Int64)
+    mtime_ns: Mapped[int] = mapped_column(Int64)
     reason: Mapped[str] = mapped_column(Text)
 
 
@@ -212,23 +253,37 @@ def set_meta(conn: Connection, key: str, value: str) -> None:
     conn.execute(insert(MetaRow).values(key=key, value=value))
 
 
+def changes_from(conn: Connection) -> int:
+    raw = conn.execute(select(MetaRow.value).where(MetaRow.key == CHANGES_FROM)).scalar_one_or_none()
+    return int(raw) if raw is not None else 1 << 62  # no log at all: never catch up from it
+
+
 def read_schema_version(conn: Connection) -> str | None:
-    has_meta = conn.exec_driver_sql(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-    ).first()
-    if has_meta is None:
+    if not _table_exists(conn, "meta"):
         return None
     return conn.execute(select(MetaRow.value).where(MetaRow.key == "schema_version")).scalar_one_or_none()
 
 
 def _table_exists(conn: Connection, name: str) -> bool:
-    found = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    if conn.dialect.name == "sqlite":
+        found = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    else:  # the schema the connection's search_path puts first
+        found = conn.exec_driver_sql("SELECT 1 WHERE to_regclass(%s) IS NOT NULL", (name,))
     return found.first() is not None
+
+
+def _index_names(conn: Connection) -> set[str]:
+    if conn.dialect.name == "sqlite":
+        sql = "SELECT name FROM sqlite_master WHERE type = 'index'"
+    else:
+        sql = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+    return {name for (name,) in conn.exec_driver_sql(sql)}
 
 
 def create_or_upgrade(conn: Connection) -> None:
     """Inside one write transaction: make a new catalog, add tables a later clipdex introduced,
-    or upgrade a schema-2 catalog, or a schema-1 one (clipdex 0.1), to this schema."""
+    or upgrade a schema-2 catalog, or a schema-1 one (clipdex 0.1), to this schema (SQLite
+    only: PostgreSQL catalogs began at schema 3)."""
     version = read_schema_version(conn)
     old = int(version) if version is not None else None
     if old == 1 and _table_exists(conn, "tags"):
@@ -240,16 +295,14 @@ def create_or_upgrade(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE vectors ADD COLUMN generation INTEGER")
     elif old == 1:
         _upgrade_from_1(conn)  # its vectors keep a NULL generation too (no trigger yet)
-    present = {
-        name for (name,) in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'")
-    }
+    present = _index_names(conn)
     for table in Base.metadata.sorted_tables:
         for index in table.indexes:
             # By name: SQLAlchemy's own check cannot see an index on an expression.
             if index.name not in present:
                 index.create(conn)
-    conn.exec_driver_sql(_STAMP_INSERTS)
-    conn.exec_driver_sql(_LOG_REMOVALS)
+    for statement in _TRIGGERS[conn.dialect.name]:
+        conn.exec_driver_sql(statement)
     if old is None:
         set_meta(conn, "schema_version", str(SCHEMA_VERSION))
         set_meta(conn, "created_at", str(time.time()))

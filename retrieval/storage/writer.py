@@ -19,7 +19,6 @@ import numpy as np
 from retrieval.core.errors import ClipdexError
 
 from .faiss_index import ReconcileReport, apply_to
-from .lock import WriterLock
 from .records import FailureRecord, Move, NewImage
 from .vector_store import VectorStore
 
@@ -33,7 +32,7 @@ class IndexWriter:
         need saves to interrupt)."""
         self.store = store
         self.catalog = store.catalog
-        self.lock = WriterLock(store.directory)
+        self.lock = store.catalog.writer_lock()
         self.save_after_changes = save_after_changes
         self._pending: int | None = None  # the model id a reindex embeds into
 
@@ -52,6 +51,7 @@ class IndexWriter:
     def __exit__(self, *exc: object) -> None:
         try:
             self._save_if_due(finishing=True)
+            self.catalog.refresh_statistics()
         finally:
             self.lock.release()
 

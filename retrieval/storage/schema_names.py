@@ -1,0 +1,12 @@
+"""Names the catalog's SQL shares between the SQLAlchemy models (schema.py, used by writers) and
+the raw reads (catalog.py), kept here so that readers need not import SQLAlchemy."""
+
+SCHEMA_VERSION = 3
+ACTIVE, PENDING = "active", "pending"  # models.state
+# meta key: the change log (vectors.generation, removals) is complete for every generation
+# after this one; catching up from an older stamp needs the full id diff.
+CHANGES_FROM = "changes_from"
+# When a photo was taken, or else last changed: what the date filters compare. The index
+# `ix_images_by_date` is on this very expression, and the filters write it verbatim, so that the
+# database uses the index.
+TAKEN_OR_CHANGED = "coalesce(taken_at, mtime_ns / 1e9)"
