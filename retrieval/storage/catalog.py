@@ -280,15 +280,17 @@ class Catalog:
                 cursor.close()
 
     def _rows_by_ids(self, sql: str, ids: list[int], *params: object) -> Iterator[tuple]:
-        """Rows of `sql` (ending in "IN ") for `ids`, in chunks within SQLite's parameter limit."""
+        """Rows of `sql` (ending in the id column) for `ids`: in chunks of marks within SQLite's
+        parameter limit, or as one array parameter where the dialect takes one."""
         with self._reads.connection() as conn:
             if self.dialect.id_array is not None:
-                listed = self.dialect.sql(sql + self.dialect.id_array)
-                yield from conn.execute(listed, (*params, ids)).fetchall()
+                # Binary results too: a vector comes as its bytes, not as hex text to decode.
+                listed = self.dialect.sql(f"{sql} {self.dialect.id_array}")
+                yield from conn.execute(listed, (*params, ids), binary=True).fetchall()
                 return
             for chunk in _chunks(ids, 900):
                 marks = ",".join("?" * len(chunk))
-                yield from conn.execute(self.dialect.sql(sql + f"({marks})"), (*params, *chunk)).fetchall()
+                yield from conn.execute(f"{sql} IN ({marks})", (*params, *chunk)).fetchall()
 
     # -- identity and history ---------------------------------------------------------------
     @contextmanager
@@ -431,7 +433,7 @@ class Catalog:
             rows: Iterable[tuple] = self._rows(f"SELECT {_RECORD_COLUMNS} FROM images")
         else:
             rows = self._rows_by_ids(
-                f"SELECT {_RECORD_COLUMNS} FROM images WHERE id IN ", [int(i) for i in ids]
+                f"SELECT {_RECORD_COLUMNS} FROM images WHERE id", [int(i) for i in ids]
             )
         return {row[0]: _record(row) for row in rows}
 
@@ -455,7 +457,7 @@ class Catalog:
         caller's (the one its index and query belong to), not whichever is active by now: a
         reindex may have swapped in another one since."""
         wanted = [int(i) for i in ids]
-        sql = "SELECT image_id, vector FROM vectors WHERE model_id = ? AND image_id IN "
+        sql = "SELECT image_id, vector FROM vectors WHERE model_id = ? AND image_id"
         found: dict[int, bytes] = dict(self._rows_by_ids(sql, wanted, int(model_id)))
         present = [i for i in wanted if i in found]
         return np.asarray(present, dtype=np.int64), decode_vectors([found[i] for i in present], dim)
@@ -624,7 +626,7 @@ class Catalog:
         if ids is None:
             rows: Iterable[tuple] = self._rows(sql)
         else:
-            rows = self._rows_by_ids(sql + " WHERE image_id IN ", [int(i) for i in ids])
+            rows = self._rows_by_ids(sql + " WHERE image_id", [int(i) for i in ids])
         out: dict[int, list[tuple[str, float]]] = {}
         for image_id, label, prob in rows:
             out.setdefault(image_id, []).append((label, prob))

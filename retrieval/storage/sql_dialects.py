@@ -22,8 +22,8 @@ class Dialect:
     json_ids: str
     # The ids of a subquery `q` as one space-separated text (parsed by numpy: no tuple a row).
     joined_ids: str
-    # `column IN ` followed by this takes a whole list of ids as one array parameter; None: the
-    # ids go as marks, in chunks within SQLite's parameter limit.
+    # A column followed by this matches a whole list of ids given as one array parameter; None:
+    # the ids go as marks, in chunks within SQLite's parameter limit.
     id_array: str | None
 
     def sql(self, text: str) -> str:
@@ -49,5 +49,5 @@ POSTGRESQL = Dialect(
     json_ids="SELECT value::bigint FROM json_array_elements_text(?::json)",
     joined_ids="SELECT string_agg(id::text, ' ') FROM ({q}) AS listed",
     # psycopg parses a statement of 100 marks for ~1 ms: 3x the lookup (bench/catalog_ops.py).
-    id_array="(SELECT unnest(?::bigint[]))",
+    id_array="= ANY(?::bigint[])",
 )
