@@ -31,14 +31,16 @@ def test_nlist_is_clamped_and_leaves_k_means_enough_points():
         assert nlist * rules.MIN_POINTS_PER_LIST <= n
 
 
-def test_sq8_while_it_fits_half_the_budget_then_pq_of_dim_over_8():
+def test_sq8_while_it_fits_half_the_budget_then_pq_of_dim_over_4():
     assert rules.choose_plan(200_000, 512).codes == "SQ8"  # 104 MB of 512 MB
     plan = rules.choose_plan(1_000_000, 512)
-    assert plan.factory == "IVF4096,PQ64" and plan.index_bytes <= rules.DEFAULT_MAX_MEMORY
+    # Finer PQ codes need fewer candidates re-read from the catalog for the same recall.
+    assert plan.factory == "IVF4096_HNSW32,PQ128" and plan.index_bytes <= rules.DEFAULT_MAX_MEMORY
     assert rules.choose_plan(1_000_000, 512, max_memory=2 * 2**30).codes == "SQ8"
 
 
 def test_pq_shrinks_to_fit_and_a_budget_too_small_is_a_clear_error():
+    assert rules.choose_plan(1_000_000, 512, max_memory=100 * 2**20).codes == "PQ64"
     assert rules.choose_plan(1_000_000, 512, max_memory=60 * 2**20).codes == "PQ32"
     assert rules.choose_plan(1_000_000, 512, max_memory=36 * 2**20).codes == "PQ16"
     with pytest.raises(ClipdexError, match="cannot hold an index of 1000000 vectors"):
@@ -93,3 +95,51 @@ def test_the_measured_recall_must_clear_the_target_by_its_sampling_error():
     assert 0.958 < rules.recall_to_measure(0.95, 2560) < 0.960
     assert rules.recall_to_measure(0.95, 10**8) == pytest.approx(0.95, abs=1e-4)  # many: no margin
     assert rules.recall_to_measure(1.0, 2560) == 1.0 and rules.recall_to_measure(0.9, 0) == 0.9
+
+
+def test_a_measured_rerank_factor_sets_the_depth_for_k_10_and_above():
+    assert rules.rerank_depth(10, 3) == 30 and rules.rerank_depth(11, 3) == 33
+    assert rules.rerank_depth(1, 3) == 30  # measured at k = 10: never fewer candidates than that
+    assert rules.rerank_depth(10, None) == 100  # unmeasured: the default
+
+
+def _recall_model(nprobe: int, depth: int) -> float:
+    """Recall that grows with both nprobe and depth, saturating (like a real index's)."""
+    return min(1.0, 0.5 + 0.1 * math.log2(nprobe + 1)) * min(1.0, 0.6 + depth / 100)
+
+
+def test_pick_search_takes_the_cheapest_nprobe_and_depth_that_reach_the_target():
+    calls: list[tuple[int, int]] = []
+
+    def recall_at(nprobe: int, depth: int) -> float:
+        calls.append((nprobe, depth))
+        return _recall_model(nprobe, depth)
+
+    choice = rules.pick_search(recall_at, nlist=4096, list_size=250, target=0.8)
+    assert choice.recall >= 0.8 and choice.recall == _recall_model(choice.nprobe, choice.rerank_factor * 10)
+    assert choice.rerank_factor < rules.RERANK_FACTORS[-1]  # a shallower re-ranking paid here
+    every = [
+        rules.SearchChoice(p, f, _recall_model(p, f * 10))
+        for f in rules.RERANK_FACTORS
+        for p in range(1, 4097)
+        if _recall_model(p, f * 10) >= 0.8
+    ]
+    cheapest = min(rules.search_cost(c, 250) for c in every)
+    # pick_nprobe bisects to within 1/8 of the smallest nprobe: near the cheapest, not off it.
+    assert rules.search_cost(choice, 250) <= 1.15 * cheapest
+    assert max(p for p, _ in calls) <= 4096
+
+
+def test_pick_search_keeps_the_deepest_re_ranking_when_shallower_ones_miss_the_target():
+    def recall_at(nprobe: int, depth: int) -> float:
+        return 0.97 if depth >= 100 else 0.9
+
+    choice = rules.pick_search(recall_at, nlist=64, list_size=1000, target=0.95)
+    assert (choice.nprobe, choice.rerank_factor, choice.recall) == (1, rules.RERANK_FACTORS[-1], 0.97)
+
+
+def test_many_lists_are_found_through_an_hnsw_graph_few_by_a_flat_scan():
+    assert rules.choose_plan(1_000_000, 512).factory.startswith("IVF4096_HNSW32,")
+    assert rules.choose_plan(60_000, 64).factory.startswith("IVF1024_HNSW32,")
+    assert rules.choose_plan(2_000, 64, exact_below=1_000).factory.startswith("IVF32,")  # 32 lists
+    assert rules.quantizer_ef(7) == rules.HNSW_MIN_EF and rules.quantizer_ef(50) == 100

@@ -304,13 +304,22 @@ def _read_index(f: BinaryIO, *, mmap: bool) -> faiss.Index:
     """The index in the open file `f`: mapped where the OS lets FAISS open this very file again
     and the index is a flat one (the only kind `_materialize` copies), else read into memory."""
     if mmap and _FD_DIR.is_dir():
-        index = faiss.read_index(str(_FD_DIR / str(f.fileno())), faiss.IO_FLAG_MMAP_IFC)
+        index = map_or_read_index(f, mmap=True)
         if (
             isinstance(index, faiss.IndexIDMap2)
             and type(faiss.downcast_index(index.index)) is faiss.IndexFlatIP
         ):
             return index
         f.seek(0)
+    return faiss.read_index(faiss.PyCallbackIOReader(f.read, _READ_CHUNK))
+
+
+def map_or_read_index(f: BinaryIO, *, mmap: bool) -> faiss.Index:
+    """The index in the open file `f`: memory-mapped where the OS lets FAISS open this very file
+    again (its stamp was read from `f`: a writer may have renamed a new file in since), else read
+    into memory. A mapped index's buffers are read-only: its owner copies them before a change."""
+    if mmap and _FD_DIR.is_dir():
+        return faiss.read_index(str(_FD_DIR / str(f.fileno())), faiss.IO_FLAG_MMAP_IFC)
     return faiss.read_index(faiss.PyCallbackIOReader(f.read, _READ_CHUNK))
 
 

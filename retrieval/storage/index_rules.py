@@ -5,11 +5,15 @@ One small function per decision, so that each can be read (and tested) on its ow
 - below `EXACT_BELOW` vectors: exact flat search. A flat scan of 50k x 512 floats takes a few
   ms on one core, exact answers cost nothing there, and small libraries keep today's results;
 - above: an inverted file (IVF) whose lists hold compressed codes, SQ8 while the codes fit the
-  budget comfortably, else product quantization (PQ). The codes only choose candidates: the top
-  `rerank_depth(k)` candidates are scored again exactly from the catalog's stored vectors, so
-  the codes' error costs recall only where a true neighbour falls out of the candidate list;
+  budget comfortably, else product quantization (PQ); from HNSW_QUANTIZER_FROM lists on, the
+  lists to scan are found through an HNSW graph of their centroids (`coarse_quantizer`). The
+  codes only choose candidates: the top `rerank_depth(k)` candidates are scored again exactly
+  from the catalog's stored vectors, so the codes' error costs recall only where a true
+  neighbour falls out of the candidate list;
 - `nprobe` (lists scanned per query) is not guessed but measured: the smallest power of two,
-  refined between the last two tried, whose recall@10 after re-ranking reaches the target.
+  refined between the last two tried, whose recall@10 after re-ranking reaches the target;
+- so is the re-ranking depth, with it (`pick_search`): each candidate re-ranked is a random read
+  of the catalog (~5-12 us), the largest cost of a warm search at 1M once codes are accurate.
 """
 
 from __future__ import annotations
@@ -29,8 +33,31 @@ MIN_NLIST, MAX_NLIST = 256, 16_384
 MIN_POINTS_PER_LIST = 39  # FAISS's own floor for k-means: fewer points per centroid train badly
 TRAIN_POINTS_PER_LIST = 32  # k-means on 32 points a centroid is within noise of 256 (FAISS's cap)
 MAX_TRAIN = 200_000  # bounds training time on 2 cores (k-means cost ~ train x nlist x d)
+# From this many lists, the centroids nearest a query are found through an HNSW graph over them
+# (M = HNSW_M links a node) instead of a flat scan: at 1M x 512, 4096 centroids are 8 MB read per
+# query, 0.4-0.5 ms of a 0.7 ms search with one thread; HNSW at efSearch 32 takes ~0.05 ms, and
+# recall@10 after re-ranking was unchanged (0.9715 at nprobe 7, depth 33; efSearch 16: 0.9665).
+# The graph finds the nearest lists, not all of them: past HNSW_MAX_NPROBE lists (filtered
+# searches scan up to every list) they are found exactly, from the graph's own flat storage.
+HNSW_QUANTIZER_FROM = 1024
+HNSW_M = 32
+HNSW_MIN_EF = 32
+HNSW_MAX_NPROBE = 64
 MIN_RERANK = 100
 RERANK_FACTOR = 4
+RECALL_K = 10  # the k recall is measured at (optimize)
+# Re-ranking depths tried by optimize, as multiples of k (k = 10: 20 .. 100 candidates read from
+# the catalog). The last one is the unmeasured default's depth at k = 10 (rerank_depth). Measured
+# at 1M structured x 512, IVF4096, nprobe 7, recall@10 at depth 20/30/40/100: PQ64 0.72 / 0.82 /
+# 0.86 / 0.97; PQ128 0.92 / 0.96 / 0.98 / 0.99 (read cost ~12 us a candidate, 32 KB pages).
+RERANK_FACTORS = (2, 3, 4, 6, 10)
+# The cost model that trades lists scanned against candidates re-ranked (pick_search), from the
+# same measurements: a code scanned ~0.06 us (IVF4096,PQ128 at 1M: +14 us a list of ~250), a
+# candidate read from the catalog ~12 us. For nprobe, a cap of NPROBE_SPAN times the nprobe the
+# deepest re-ranking needs bounds both the search and the time measuring it.
+SCAN_US_PER_CODE = 0.06
+READ_US_PER_CANDIDATE = 12.0
+NPROBE_SPAN = 8
 # A filter matching at most this many images is scored exactly from the catalog (all of them:
 # an exact answer) instead of through the ANN index with an ID selector. Measured at 200k x 512
 # (IVF2048,SQ8, nprobe 1; 2 loaded cores), p50 of a filtered top-10, exact scan / ID selector:
@@ -94,7 +121,7 @@ def choose_plan(
     codes = choose_codes(n, dim, nlist, max_memory)
     return IndexPlan(
         "ivf",
-        f"IVF{nlist},{codes}",
+        f"IVF{nlist}{coarse_quantizer(nlist)},{codes}",
         n,
         dim,
         nlist=nlist,
@@ -117,12 +144,27 @@ def choose_nlist(n: int) -> int:
     return nlist
 
 
+def coarse_quantizer(nlist: int) -> str:
+    """The factory suffix of the coarse quantizer: '' (flat) or '_HNSW32' from
+    HNSW_QUANTIZER_FROM lists on (its graph: ~nlist x 2M x 4 bytes, 1 MB at 4096 lists)."""
+    return f"_HNSW{HNSW_M}" if nlist >= HNSW_QUANTIZER_FROM else ""
+
+
+def quantizer_ef(nprobe: int) -> int:
+    """HNSW's efSearch for `nprobe` lists: twice the lists wanted, HNSW_MIN_EF at least."""
+    return max(HNSW_MIN_EF, 2 * nprobe)
+
+
 def choose_codes(n: int, dim: int, nlist: int, max_memory: int) -> str:
     """SQ8 (one byte a dimension, nearly exact) while its codes take at most half the budget:
     near-exact candidates keep nprobe low and the headroom absorbs later adds. Otherwise PQ with
-    m = dim/8 sub-quantizers (8 dimensions per byte: the usual accuracy/speed balance; the exact
-    re-ranking recovers what the coarser codes lose), halved while it does not fit, down to
-    dim/32; below that the budget cannot hold the index and the caller is told how much it needs."""
+    m = dim/4 sub-quantizers (4 dimensions a byte), halved while it does not fit, down to dim/32;
+    below that the budget cannot hold the index and the caller is told how much it needs.
+
+    dim/4 first, not the usual dim/8: the exact re-ranking reads every candidate from the catalog,
+    and coarser codes need more candidates for the same recall (1M x 512 structured: PQ64 needs
+    100 for recall@10 0.97, PQ128 40 for 0.98; see RERANK_FACTORS), while the codes' memory
+    (136 MB against 72 MB at 1M) and scan time (~0.6 ms either way at nprobe 7) barely differ."""
     if ivf_bytes(n, dim, nlist, dim) <= max_memory // 2:
         return "SQ8"
     for m in pq_choices(dim):
@@ -137,8 +179,8 @@ def choose_codes(n: int, dim: int, nlist: int, max_memory: int) -> str:
 
 
 def pq_choices(dim: int) -> list[int]:
-    """PQ sub-quantizer counts to try, most accurate first: dim/8, dim/16, dim/32 (those dividing dim)."""
-    out = [dim // div for div in (8, 16, 32) if dim % div == 0 and dim // div >= 1]
+    """PQ sub-quantizer counts to try, most accurate first: dim/4 .. dim/32 (those dividing dim)."""
+    out = [dim // div for div in (4, 8, 16, 32) if dim % div == 0 and dim // div >= 1]
     return out or [1]
 
 
@@ -164,10 +206,49 @@ def train_size(n: int, nlist: int) -> int:
     return min(n, max(nlist * TRAIN_POINTS_PER_LIST, 10_000), MAX_TRAIN)
 
 
-def rerank_depth(k: int) -> int:
+def rerank_depth(k: int, factor: int | None = None) -> int:
     """Candidates scored exactly for a top-k: enough that a neighbour the codes rank a little too
-    low still makes it, cheap next to the IVF scan (100 vectors from SQLite: ~0.3 ms)."""
-    return max(RERANK_FACTOR * k, MIN_RERANK)
+    low still makes it. `factor`: the multiple of k that optimize measured to reach its target
+    recall (pick_rerank_factor), applied to k = 10 at least (what it was measured at); without
+    one, the unmeasured default (100 for k up to 25)."""
+    if factor is None:
+        return max(RERANK_FACTOR * k, MIN_RERANK)
+    return factor * max(k, RECALL_K)
+
+
+@dataclass(frozen=True)
+class SearchChoice:
+    """How an ANN index is searched: lists scanned, candidates re-ranked (a multiple of k), and
+    the recall@10 measured with both."""
+
+    nprobe: int
+    rerank_factor: int
+    recall: float
+
+
+def pick_search(
+    recall_at: Callable[[int, int], float], nlist: int, list_size: float, target: float
+) -> SearchChoice:
+    """The cheapest (nprobe, re-ranking factor) whose measured recall@10 (`recall_at(nprobe,
+    depth)`) reaches `target`, by search_cost. For each factor of RERANK_FACTORS, the smallest
+    nprobe (pick_nprobe) up to NPROBE_SPAN times the one the deepest re-ranking needs; where
+    none reaches the target, the deepest re-ranking and all lists it needs."""
+    deepest = RERANK_FACTORS[-1]
+    nprobe, recall = pick_nprobe(lambda p: recall_at(p, deepest * RECALL_K), nlist, target)
+    best = SearchChoice(nprobe, deepest, recall)
+    cap = min(nlist, NPROBE_SPAN * nprobe)
+    for factor in RERANK_FACTORS[:-1]:
+        nprobe, recall = pick_nprobe(lambda p: recall_at(p, factor * RECALL_K), cap, target)  # noqa: B023
+        choice = SearchChoice(nprobe, factor, recall)
+        if recall >= target and search_cost(choice, list_size) < search_cost(best, list_size):
+            best = choice
+    return best
+
+
+def search_cost(choice: SearchChoice, list_size: float) -> float:
+    """Microseconds a top-10 spends scanning lists and reading candidates (the model above)."""
+    scan = choice.nprobe * list_size * SCAN_US_PER_CODE
+    return scan + rerank_depth(RECALL_K, choice.rerank_factor) * READ_US_PER_CANDIDATE
 
 
 def filtered_nprobe(nprobe: int, nlist: int, selectivity: float) -> int:

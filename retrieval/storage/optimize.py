@@ -9,7 +9,10 @@ measured (added last). Their exact top-10 is computed on the fly during the addi
 
 Recall after exact re-ranking equals the share of the true top-10 found among the candidates
 (re-ranking scores them exactly, so a true neighbour among them ranks where it belongs), which
-is what is measured, for each nprobe tried, without reading any vector again.
+is what is measured, for each nprobe tried, without reading any vector again; then, at the
+nprobe chosen, for each re-ranking depth (the first d candidates of the deepest search: FAISS
+returns them best code score first), and the smallest depth that reaches the target is recorded
+for searches to use (`rerank_factor`: each candidate is a random read of the catalog).
 """
 
 from __future__ import annotations
@@ -23,14 +26,13 @@ import numpy as np
 from retrieval.core.errors import ClipdexError
 
 from . import index_rules
-from .ann import AnnIndex, cache_kind
+from .ann import META_KEY, AnnIndex, cache_kind
 from .catalog import CatalogSnapshot, decode_vectors
 from .index_rules import IndexPlan
 from .vector_store import VectorStore, stamp_of
 from .writer import IndexWriter
 
-META_KEY = "vector_index"  # catalog meta: JSON of the last OptimizeReport
-RECALL_K = 10
+RECALL_K = index_rules.RECALL_K
 DEFAULT_QUERIES = 256  # held-out queries: recall@10 within ~0.01 (2 s.e.) around 0.95
 _CHUNK = 8192
 
@@ -44,6 +46,9 @@ class OptimizeReport:
     queries: int  # held-out queries the recall was measured on (0: exact)
     seconds: float
     built_at: float
+    # Candidates re-ranked per search, as a multiple of k (index_rules.rerank_depth); None:
+    # exact search, or recorded before it was measured (the default depth then).
+    rerank_factor: int | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -143,13 +148,13 @@ def optimize_locked(
         n = snap.count_vectors(state.model_id)
         plan = index_rules.choose_plan(n, dim, max_memory=max_memory, exact_below=exact_below)
         if plan.approximate:
-            ann, nprobe, recall, measured = _build_ann(snap, plan, target_recall, queries, seed)
+            ann, nprobe, factor, recall, measured = _build_ann(snap, plan, target_recall, queries, seed)
     if plan.approximate:
         ann.nprobe = nprobe
         ann.save(store.path, stamp_of(state))
         ann.stamp = stamp_of(state)
-        store.reset()  # the next use loads the new file, current as it is
-        report = OptimizeReport(plan, nprobe, recall, target_recall, measured, 0.0, time.time())
+        store.reset()  # the next use loads the new file, current as it is (and this report)
+        report = OptimizeReport(plan, nprobe, recall, target_recall, measured, 0.0, time.time(), factor)
     else:
         if cache_kind(store.path) != "flat":  # an ANN index of a library that shrank
             store.rebuild()
@@ -162,8 +167,8 @@ def optimize_locked(
 
 def _build_ann(
     snap: CatalogSnapshot, plan: IndexPlan, target: float, queries: int, seed: int
-) -> tuple[AnnIndex, int, float, int]:
-    """(index, nprobe, its recall@10, held-out queries it was measured on)."""
+) -> tuple[AnnIndex, int, int, float, int]:
+    """(index, nprobe, re-ranking factor, their recall@10, held-out queries it was measured on)."""
     rng = np.random.default_rng(seed)
     ids = snap.ids()
     held = np.sort(rng.choice(ids, size=min(max(2, queries), len(ids) // 10), replace=False))
@@ -178,16 +183,18 @@ def _build_ann(
         keep = ~np.isin(chunk_ids, held, assume_unique=True)
         ann.add_bulk(chunk_ids[keep], vecs[keep])
         truth.update(chunk_ids[keep], vecs[keep])
-    depth = index_rules.rerank_depth(RECALL_K)
+    deepest = index_rules.rerank_depth(RECALL_K, index_rules.RERANK_FACTORS[-1])
+    searched: dict[int, np.ndarray] = {}  # nprobe -> candidates at the deepest depth
 
-    def recall_at(nprobe: int) -> float:
-        _, found = ann.search(q, depth, nprobe=nprobe)
-        return _recall(found, truth.ids)
+    def recall_at(nprobe: int, depth: int) -> float:
+        if nprobe not in searched:
+            searched[nprobe] = ann.search(q, deepest, nprobe=nprobe)[1]
+        return _recall(searched[nprobe][:, :depth], truth.ids)  # best code score first
 
     needed = index_rules.recall_to_measure(target, int((truth.ids >= 0).sum()))
-    nprobe, recall = index_rules.pick_nprobe(recall_at, plan.nlist, needed)
+    choice = index_rules.pick_search(recall_at, plan.nlist, ann.ntotal / plan.nlist, needed)
     ann.add(held, q)  # the held-out vectors belong in the index too
-    return ann, nprobe, round(recall, 4), len(held)
+    return ann, choice.nprobe, choice.rerank_factor, round(choice.recall, 4), len(held)
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:

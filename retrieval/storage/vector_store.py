@@ -25,7 +25,7 @@ from retrieval.core.errors import ClipdexError
 from retrieval.core.filters import Filters
 
 from . import index_rules
-from .ann import AnnIndex, CandidateFilter, load_cache, search_exact
+from .ann import META_KEY, AnnIndex, CandidateFilter, load_cache, search_exact
 from .catalog import Catalog, CatalogSnapshot, CatalogState, Changes, decode_vectors
 from .faiss_index import FAISS_FILE, FaissIndex, ReconcileReport, Stamp, apply_to, reconcile
 
@@ -293,6 +293,8 @@ class VectorStore:
     def _use(
         self, faiss: FaissIndex, state: CatalogState, *, file_generation: int | None, unsaved: int
     ) -> None:
+        if isinstance(faiss, AnnIndex):  # how deep to re-rank: what optimize measured for it
+            faiss.adopt_rerank_factor(self.catalog.get_meta(META_KEY))
         self._faiss, self._state = faiss, state
         self._file_generation, self._unsaved = file_generation, unsaved
 
