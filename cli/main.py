@@ -553,6 +553,7 @@ def info(index_dir: IndexOpt = None, json_: JsonOpt = False) -> None:
     )
     model = f"{facts.model.describe()}, {facts.model.dim} dimensions" if facts.model else "none yet"
     print(f"index:    {safe(facts.directory)}")
+    print(f"catalog:  {safe(facts.catalog or '')}")
     print(f"model:    {model}")
     print(f"images:   {facts.images}")
     print(f"on disk:  {human_bytes(facts.bytes_on_disk)}")
@@ -561,7 +562,10 @@ def info(index_dir: IndexOpt = None, json_: JsonOpt = False) -> None:
         print("search:   exact (Flat)")
     elif facts.vector_index:
         recall = "not measured" if facts.recall_at_10 is None else f"{facts.recall_at_10:.3f}"
-        print(f"search:   approximate {facts.vector_index}, nprobe {facts.nprobe}, recall@10 {recall}")
+        print(
+            f"search:   approximate {facts.vector_index}, nprobe {facts.nprobe}, recall@10 {recall} "
+            f"({facts.rerank_at_10} candidates of a top-10 re-scored exactly)"
+        )
 
 
 @app.command()

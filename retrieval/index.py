@@ -48,9 +48,11 @@ class IndexInfo:
     bytes_on_disk: int
     updated_at: float | None
     index_id: str | None = None
-    vector_index: str | None = None  # "Flat" (exact) or the ANN index's factory, e.g. "IVF4096,PQ64"
+    vector_index: str | None = None  # "Flat" (exact) or the ANN index's factory, e.g. "IVF4096_HNSW32,PQ128"
     nprobe: int | None = None  # lists an ANN search scans
     recall_at_10: float | None = None  # against exact search, measured when the index was built
+    rerank_at_10: int | None = None  # candidates an ANN top-10 scores exactly from the catalog
+    catalog: str | None = None  # where the catalog is: its file, or its PostgreSQL URL (no password)
 
 
 class ImageIndex:
@@ -344,6 +346,7 @@ class ImageIndex:
             bytes_on_disk=size,
             updated_at=float(updated) if updated else None,
             index_id=self.catalog.get_meta("index_id"),
+            catalog=self.catalog.location.describe(),
             **vector_index_facts(self.store),
         )
 

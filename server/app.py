@@ -179,6 +179,7 @@ def _add_api(app: FastAPI, worker: IndexWorker) -> None:
         facts = await worker.run(lambda ix: ix.info())
         data = dict(vars(facts))
         data["model"] = facts.model.to_dict() if facts.model else None
+        data.pop("catalog", None)  # a PostgreSQL URL names the database server and user: not for clients
         return data
 
     @app.get("/api/search", tags=["search"], response_model=SearchOut)

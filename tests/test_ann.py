@@ -106,6 +106,8 @@ def test_optimize_builds_an_ivf_index_and_records_plan_nprobe_and_recall(ann_dir
         info = idx.info()
         assert info.vector_index == report.plan.factory
         assert info.nprobe == report.nprobe and info.recall_at_10 == report.recall_at_10
+        depth = index_rules.rerank_depth(10, report.rerank_factor)
+        assert info.rerank_at_10 == index.rerank_depth(10) == depth
 
 
 def test_the_query_process_holds_codes_not_float_vectors(ann_dir):

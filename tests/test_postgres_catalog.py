@@ -77,6 +77,7 @@ def test_the_cli_indexes_into_postgresql_and_later_commands_find_it(tmp_path, po
     assert json.loads(again.stdout)["added"] == 2
     info = clipdex("info", "--index", str(index_dir), "--json")
     assert info.returncode == 0 and json.loads(info.stdout)["images"] == 8
+    assert json.loads(info.stdout)["catalog"] == recorded.strip()  # where it is, without the password
     # Asking for another catalog than the recorded one is refused, in one line.
     other = postgres_url.replace("search_path%3D", "search_path%3Dx")
     refused = clipdex("index", str(photos), "--index", str(index_dir), "--catalog", other)
@@ -189,4 +190,6 @@ def test_the_server_serves_a_postgresql_index(tmp_path, postgres_url, tiny_clip_
         assert [h["id"] for h in hits] == [h.id for h in expected]
         assert np.allclose([h["score"] for h in hits], [h.score for h in expected], atol=1e-4)
         thumb = client.get(f"/api/images/{hits[0]['id']}/thumbnail")
+        info = client.get("/api/info").json()
+        assert info["images"] == 5 and "catalog" not in info  # the database's address stays private
         assert thumb.status_code == 200 and thumb.headers["content-type"].startswith("image/")

@@ -115,13 +115,18 @@ def vector_index_facts(store: VectorStore) -> dict:
     optimize measured for it. A flat index is exact: recall 1."""
     kind = cache_kind(store.path)
     if kind is None:
-        return {"vector_index": None, "nprobe": None, "recall_at_10": None}
+        return {"vector_index": None}
     if kind == "flat":
-        return {"vector_index": "Flat", "nprobe": None, "recall_at_10": 1.0}
+        return {"vector_index": "Flat", "recall_at_10": 1.0}
     last = recorded(store)
     if last is None or not last.plan.approximate:
-        return {"vector_index": "IVF", "nprobe": None, "recall_at_10": None}
-    return {"vector_index": last.plan.factory, "nprobe": last.nprobe, "recall_at_10": last.recall_at_10}
+        return {"vector_index": "IVF", "rerank_at_10": index_rules.rerank_depth(RECALL_K)}
+    return {
+        "vector_index": last.plan.factory,
+        "nprobe": last.nprobe,
+        "recall_at_10": last.recall_at_10,
+        "rerank_at_10": index_rules.rerank_depth(RECALL_K, last.rerank_factor),
+    }
 
 
 def optimize_locked(
