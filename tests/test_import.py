@@ -24,6 +24,9 @@ from retrieval.core.errors import ClipdexError, ModelMismatchError
 from retrieval.index import ImageIndex
 from retrieval.storage.catalog import open_catalog
 
+# Every import here once into a SQLite catalog, once into PostgreSQL (conftest).
+pytestmark = pytest.mark.usefixtures("catalog_backend")
+
 DIM = 64  # clipdex-tiny
 
 
