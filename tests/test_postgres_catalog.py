@@ -193,3 +193,32 @@ def test_the_server_serves_a_postgresql_index(tmp_path, postgres_url, tiny_clip_
         info = client.get("/api/info").json()
         assert info["images"] == 5 and "catalog" not in info  # the database's address stays private
         assert thumb.status_code == 200 and thumb.headers["content-type"].startswith("image/")
+
+
+def test_a_writer_whose_lock_session_ended_commits_nothing_more(tmp_path, postgres_url):
+    """The network drops or an administrator ends the lock's session: the server has released
+    the lock, another writer may hold it now, so this writer's next commit is refused, whole."""
+    from conftest import postgres_connect
+
+    from retrieval.storage.records import NewImage
+
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    catalog = open_catalog(index_dir, create=True, url=postgres_url)
+    catalog.set_model_signature({"arch": "test", "dim": 4})
+    vector = np.full(4, 0.5, dtype=np.float32)
+
+    def image(name: str) -> NewImage:
+        return NewImage(f"/p/{name}.jpg", 1, 1, "", 1, 1, "JPEG", None, vector)
+
+    try:
+        with catalog.writer_lock() as lock:
+            catalog.commit_changes(added=[image("a")])  # held: written
+            with postgres_connect(postgres_url) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (lock._backend_pid,))
+            with pytest.raises(IndexLockedError, match="lost its lock"):
+                catalog.commit_changes(added=[image("b")])
+        assert sorted(r.path for r in catalog.records().values()) == ["/p/a.jpg"]
+        catalog.commit_changes(added=[image("c")])  # no lock taken now: unguarded, as before
+    finally:
+        catalog.close()

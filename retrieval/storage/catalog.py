@@ -169,6 +169,7 @@ class Catalog:
         )
         self._engine: Engine | None = None
         self._dims: dict[int, int] = {}  # model id -> dimension (model rows never change)
+        self._locks_held: list[PostgresWriterLock] = []  # checked by each write (PostgresWriterLock)
 
     @classmethod
     def open(cls, index_dir: Path, *, create: bool = False, url: str | None = None) -> Catalog:
@@ -244,7 +245,7 @@ class Catalog:
         """The one-writer lock: an flock in the index folder for SQLite; for PostgreSQL an
         advisory lock in the database, which every machine writing to it sees."""
         if self.location.is_postgres:
-            return PostgresWriterLock(self.location)
+            return PostgresWriterLock(self.location, held=self._locks_held)
         return WriterLock(self.location.directory)
 
     def _schema_version(self) -> str | None:
@@ -432,9 +433,7 @@ class Catalog:
         if ids is None:
             rows: Iterable[tuple] = self._rows(f"SELECT {_RECORD_COLUMNS} FROM images")
         else:
-            rows = self._rows_by_ids(
-                f"SELECT {_RECORD_COLUMNS} FROM images WHERE id", [int(i) for i in ids]
-            )
+            rows = self._rows_by_ids(f"SELECT {_RECORD_COLUMNS} FROM images WHERE id", [int(i) for i in ids])
         return {row[0]: _record(row) for row in rows}
 
     def ids_with_content_hash(self, digest: str) -> list[int]:
@@ -678,7 +677,8 @@ class Catalog:
         """One write transaction (SQLAlchemy Connection); failures become IndexWriteError."""
         from .catalog_writes import WriteTxn
 
-        return WriteTxn(self.engine, self.location)
+        guard = self._locks_held[-1].check if self._locks_held else None
+        return WriteTxn(self.engine, self.location, guard)
 
 
 def open_catalog(directory: Path, *, create: bool, url: str | None = None) -> Catalog:

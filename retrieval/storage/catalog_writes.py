@@ -6,8 +6,9 @@ never load SQLAlchemy. Each function runs inside the caller's one write transact
 from __future__ import annotations
 
 import os
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from sqlalchemy import Integer, create_engine, delete, event, func, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection, Engine
@@ -87,15 +88,25 @@ class WriteTxn:
     """`engine.begin()` that turns the database's disk, permission or connection failures into
     IndexWriteError."""
 
-    def __init__(self, engine: Engine, location: CatalogLocation):
+    def __init__(
+        self, engine: Engine, location: CatalogLocation, guard: Callable[[Connection], None] | None = None
+    ):
         self.location = location
         self._cm = engine.begin()
+        self._guard = guard  # run first in the transaction; raising refuses it (lock.PostgresWriterLock)
 
     def __enter__(self) -> Connection:
         try:
-            return self._cm.__enter__()
+            conn = self._cm.__enter__()
         except OperationalError as exc:
             raise self._error(exc) from None
+        if self._guard is not None:
+            try:
+                self._guard(conn)
+            except BaseException:
+                self._cm.__exit__(*sys.exc_info())  # rolled back: nothing was written
+                raise
+        return conn
 
     def __exit__(self, exc_type, exc, tb):  # type: ignore[no-untyped-def]
         # Rolls back on any exception; a failed statement (read-only file, disk full) or a failed

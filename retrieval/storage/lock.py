@@ -72,13 +72,20 @@ class PostgresWriterLock:
     """One writer per PostgreSQL catalog, whichever machine it runs on: a session advisory lock,
     keyed by the catalog's schema (several catalogs may share a database), held on a connection
     of its own for as long as the writer runs. The server releases it when that session ends, a
-    killed writer's included (its connection closes with the process)."""
+    killed writer's included (its connection closes with the process).
+
+    A session can also end under a live writer (the network drops, an administrator terminates
+    it), and another writer may then take the lock: so each write transaction first checks, in
+    itself, that this session still holds it (`check`, run by the catalog for the locks in
+    `held`: the list the owner passes, this lock in it while held)."""
 
     _KEY = "hashtextextended('clipdex writer ' || current_schema(), 0)"
 
-    def __init__(self, location: CatalogLocation):
+    def __init__(self, location: CatalogLocation, held: list[PostgresWriterLock] | None = None):
         self.location = location
         self._conn: Any = None
+        self._backend_pid: int | None = None
+        self._held = held if held is not None else []
 
     def acquire(self) -> PostgresWriterLock:
         import psycopg  # only for PostgreSQL catalogs
@@ -98,13 +105,27 @@ class PostgresWriterLock:
             raise IndexLockedError(
                 f"the catalog {self.location.describe()} is being written by {holder}; wait for it to finish"
             )
-        self._conn = conn
+        self._conn, self._backend_pid = conn, conn.info.backend_pid
+        self._held.append(self)
         return self
+
+    def check(self, conn: Any) -> None:
+        """Inside a write transaction (a SQLAlchemy connection to the same database): refuse it
+        unless this lock's session still holds the lock."""
+        held = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = %(pid)s",
+            {"pid": self._backend_pid},
+        ).scalar_one()
+        if not held:
+            raise IndexLockedError(
+                f"this writer lost its lock on the catalog {self.location.describe()} (its session with the "
+                "server ended); nothing more was written: run the command again"
+            )
 
     def _describe_holder(self, conn: Any) -> str:
         # An advisory lock on a bigint key shows in pg_locks as its high and low 32 bits.
         row = conn.execute(
-            f"SELECT a.application_name, a.client_addr::text FROM pg_locks l "
+            f"SELECT a.application_name FROM pg_locks l "
             f"JOIN pg_stat_activity a ON a.pid = l.pid, (SELECT {self._KEY} AS k) key "
             "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
             "AND l.classid::bigint = (key.k >> 32) & 4294967295 AND l.objid::bigint = key.k & 4294967295"
@@ -116,6 +137,8 @@ class PostgresWriterLock:
     def release(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
+            if self in self._held:
+                self._held.remove(self)
             with contextlib.suppress(Exception):  # closing the session releases it anyway
                 conn.execute(f"SELECT pg_advisory_unlock({self._KEY})")
             conn.close()
