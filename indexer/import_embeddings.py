@@ -204,9 +204,9 @@ def import_embeddings(
 
 
 def _optimize(writer: IndexWriter) -> dict | None:
-    """THE ANN CALL SITE (issue 11): after a large import, build the vector index the storage
-    rules choose for this size (retrieval.storage.optimize), still holding the writer lock; its
-    report (plan, nprobe, measured recall@10), or None when nothing needed building."""
+    """After a large import, build the vector index the storage rules choose for this size
+    (retrieval.storage.optimize), still holding the writer lock; its report (plan, nprobe,
+    measured recall@10), or None when nothing needed building."""
     from retrieval.storage.optimize import optimize_if_needed
 
     report = optimize_if_needed(writer)

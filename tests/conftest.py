@@ -12,6 +12,8 @@ import os
 import secrets
 import shutil
 import sqlite3
+import subprocess
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -239,6 +241,16 @@ def committed_rows(db: Path) -> int:
             conn.close()
     except sqlite3.Error:
         return 0
+
+
+def wait_for_rows(proc: subprocess.Popen, db: Path, rows: int, timeout: float) -> None:
+    """Until the indexer `proc` has committed `rows` rows to the catalog `db`; the test fails if
+    it exits or takes longer than `timeout` seconds first."""
+    deadline = time.monotonic() + timeout
+    while committed_rows(db) < rows:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"indexing did not get going: {proc.returncode} {proc.communicate()}")
+        time.sleep(0.01)
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_ARCH, committed_rows, make_scene, set_mtime, write_scenes
+from conftest import TINY_ARCH, committed_rows, make_scene, set_mtime, wait_for_rows, write_scenes
 from sqlalchemy import event
 
 import retrieval.storage.catalog as catalog_mod
@@ -387,11 +387,7 @@ def test_ctrl_c_commits_the_batch_in_flight_and_the_next_run_does_the_rest(tmp_p
         text=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while committed_rows(index_dir / CATALOG_NAME) < 8:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"indexing did not get going: {proc.returncode} {proc.communicate()}")
-            time.sleep(0.01)
+        wait_for_rows(proc, index_dir / CATALOG_NAME, 8, timeout=120)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:

@@ -14,12 +14,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_ARCH, committed_rows, write_scenes
+from conftest import TINY_ARCH, committed_rows, wait_for_rows, write_scenes
 
 from indexer import IndexOptions, index_folders
 from indexer.ray_runner import ActorPlan, EmbedActor, RayRunner, RayUnavailable, plan_actors
@@ -154,11 +153,7 @@ def test_a_killed_ray_driver_resumes_like_a_local_run(ray_instance, tmp_path, ti
         start_new_session=True,  # its own process group: whatever the driver started is killed after it
     )
     try:
-        deadline = time.monotonic() + 150
-        while committed_rows(index_dir / CATALOG_NAME) < 4:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"indexing did not get going: {proc.returncode} {proc.communicate()}")
-            time.sleep(0.01)
+        wait_for_rows(proc, index_dir / CATALOG_NAME, 4, timeout=150)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:

@@ -29,7 +29,7 @@ import faiss
 import numpy as np
 
 from . import index_rules
-from .faiss_index import FaissIndex, Stamp, map_or_read_index, omp_threads, save_stamped
+from .faiss_index import FaissIndex, Stamp, StampedIndex, map_or_read_index, omp_threads
 
 _FLAT_HEADER = b"IxM2"  # FAISS's fourcc of IndexIDMap2, the flat cache's outer index
 META_KEY = "vector_index"  # catalog meta: JSON of the last optimize's report (storage.optimize)
@@ -38,13 +38,12 @@ META_KEY = "vector_index"  # catalog meta: JSON of the last optimize's report (s
 VectorsOf = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-class AnnIndex:
+class AnnIndex(StampedIndex):
     """An `IndexIVF` (IVF-SQ8 or IVF-PQ, inner product) whose ids are catalog row ids."""
 
     def __init__(self, index: faiss.Index, stamp: Stamp | None = None):
-        self.index = index
+        super().__init__(index, stamp)
         self.ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # IndexIVFPQ, ...SQ
-        self.stamp = stamp
         # Candidates re-ranked, a multiple of k, as optimize measured it for this index (kept in
         # the catalog beside nprobe's measurement, not in the FAISS file): None, the default.
         self.rerank_factor: int | None = None
@@ -118,14 +117,6 @@ class AnnIndex:
         return cls(index, stamp)
 
     # -- what VectorStore needs --------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        return self.index.d
-
-    @property
-    def ntotal(self) -> int:
-        return self.index.ntotal
-
     @property
     def nlist(self) -> int:
         return self.ivf.nlist
@@ -274,10 +265,6 @@ class AnnIndex:
             faiss.swig_ptr(out_s), faiss.swig_ptr(out_i), False, params,
         )  # fmt: skip
         return out_s, out_i
-
-    def save(self, path: Path, stamp: Stamp | None = None) -> None:
-        """Atomically, stamped like FaissIndex's (faiss_index.save_stamped)."""
-        save_stamped(self.index, path, stamp)
 
 
 def nearest(x: np.ndarray, centroids: np.ndarray, chunk: int = 4096) -> np.ndarray:

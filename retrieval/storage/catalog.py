@@ -43,6 +43,7 @@ from .catalog_location import (
     CATALOG_NAME,
     CatalogLocation,
     catalog_exists,
+    connect_postgres,
     record_url,
     require_catalog,
     resolve_catalog,
@@ -147,22 +148,12 @@ def _sqlite_reader(path: Path) -> Callable[[], sqlite3.Connection]:
 
 
 def _postgres_reader(location: CatalogLocation) -> Callable[[], Any]:
-    def connect() -> Any:
-        import psycopg  # only for PostgreSQL catalogs
-
-        try:
-            return psycopg.connect(location.libpq_conninfo(), autocommit=True)
-        except psycopg.OperationalError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ClipdexError(f"cannot reach the catalog {location.describe()}: {reason}") from None
-
-    return connect
+    return lambda: connect_postgres(location)
 
 
 class Catalog:
     def __init__(self, location: CatalogLocation):
         self.location = location
-        self.path = location.sqlite_path if not location.is_postgres else None
         self.dialect: Dialect = POSTGRESQL if location.is_postgres else SQLITE
         self._reads = _DriverPool(
             _postgres_reader(location) if location.is_postgres else _sqlite_reader(location.sqlite_path)
@@ -170,6 +161,11 @@ class Catalog:
         self._engine: Engine | None = None
         self._dims: dict[int, int] = {}  # model id -> dimension (model rows never change)
         self._locks_held: list[PostgresWriterLock] = []  # checked by each write (PostgresWriterLock)
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file (None for a PostgreSQL catalog)."""
+        return None if self.location.is_postgres else self.location.sqlite_path
 
     @classmethod
     def open(cls, index_dir: Path, *, create: bool = False, url: str | None = None) -> Catalog:
@@ -249,16 +245,11 @@ class Catalog:
         return WriterLock(self.location.directory)
 
     def _schema_version(self) -> str | None:
-        has_meta = self._one(self._table_exists_sql(), ("meta",))
+        has_meta = self._one(self.dialect.table_exists, ("meta",))
         if has_meta is None:
             return None
         row = self._one("SELECT value FROM meta WHERE key = 'schema_version'")
         return None if row is None else row[0]
-
-    def _table_exists_sql(self) -> str:
-        if self.dialect is SQLITE:
-            return "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-        return "SELECT 1 WHERE to_regclass(?) IS NOT NULL"
 
     # -- the driver -------------------------------------------------------------------------
     def _rows(self, sql: str, params: Sequence = ()) -> list[tuple]:

@@ -16,6 +16,7 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from retrieval.core.errors import ClipdexError, IndexNotFoundError
 
@@ -128,3 +129,15 @@ def record_url(location: CatalogLocation) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def connect_postgres(location: CatalogLocation, **options: Any) -> Any:
+    """An autocommit psycopg connection to the catalog's database; a server that cannot be
+    reached is a one-line error naming the catalog."""
+    import psycopg  # only for PostgreSQL catalogs
+
+    try:
+        return psycopg.connect(location.libpq_conninfo(), autocommit=True, **options)
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClipdexError(f"cannot reach the catalog {location.describe()}: {reason}") from None

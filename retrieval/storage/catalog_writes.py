@@ -35,6 +35,7 @@ from .schema import (
     record_commit,
     set_meta,
 )
+from .sql_dialects import DIALECTS
 
 __all__ = ["create_or_upgrade", "set_meta"]
 
@@ -272,10 +273,11 @@ def _insert_images(conn: Connection, added: Sequence[NewImage], now: float) -> l
         )
         for new_id, img in zip(ids, added)
     ]
-    mark = "?" if conn.dialect.name == "sqlite" else "%s"
     conn.exec_driver_sql(
-        "INSERT INTO images (id, path, size, mtime_ns, content_hash, width, height, format, taken_at, "
-        f"indexed_at) VALUES ({', '.join([mark] * 10)})",
+        DIALECTS[conn.dialect.name].sql(
+            "INSERT INTO images (id, path, size, mtime_ns, content_hash, width, height, format, "
+            "taken_at, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ),
         rows,
     )
     return ids

@@ -97,10 +97,29 @@ class ReconcileReport:
         return bool(self.added or self.removed)
 
 
-class FaissIndex:
-    def __init__(self, index: faiss.IndexIDMap2, stamp: Stamp | None = None):
+class StampedIndex:
+    """What both kinds of cache share (FaissIndex here, ann.AnnIndex): a FAISS index whose ids are
+    catalog row ids, the stamp of the file it was loaded from (None: built in memory), and an
+    atomic stamped save."""
+
+    def __init__(self, index: faiss.Index, stamp: Stamp | None = None):
         self.index = index
-        self.stamp = stamp  # of the file it was loaded from; None for one built in memory
+        self.stamp = stamp
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def save(self, path: Path, stamp: Stamp | None = None) -> None:
+        save_stamped(self.index, path, stamp)
+
+
+class FaissIndex(StampedIndex):
+    """The exact cache: IndexIDMap2 over IndexFlatIP."""
 
     @classmethod
     def empty(cls, dim: int) -> FaissIndex:
@@ -186,14 +205,6 @@ class FaissIndex:
         self.index = FaissIndex.from_batches(dim, kept + len(added), batches()).index
         return n - kept
 
-    @property
-    def dim(self) -> int:
-        return self.index.d
-
-    @property
-    def ntotal(self) -> int:
-        return self.index.ntotal
-
     def ids(self) -> np.ndarray:
         return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
 
@@ -242,9 +253,6 @@ class FaissIndex:
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed)))
         with omp_threads(1 if len(q) <= _FEW_QUERIES else None):
             return self.index.search(q, k, params=params)
-
-    def save(self, path: Path, stamp: Stamp | None = None) -> None:
-        save_stamped(self.index, path, stamp)
 
 
 _FEW_QUERIES = 4

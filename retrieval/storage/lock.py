@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from retrieval.core.errors import ClipdexError, IndexLockedError
+from retrieval.core.errors import IndexLockedError
 
-from .catalog_location import CatalogLocation
+from .catalog_location import CatalogLocation, connect_postgres
 
 LOCK_NAME = "writer.lock"
 
@@ -88,16 +88,8 @@ class PostgresWriterLock:
         self._held = held if held is not None else []
 
     def acquire(self) -> PostgresWriterLock:
-        import psycopg  # only for PostgreSQL catalogs
-
         name = f"clipdex writer (pid {os.getpid()} on {socket.gethostname()})"
-        try:
-            conn = psycopg.connect(
-                self.location.libpq_conninfo(), autocommit=True, application_name=name[:63]
-            )
-        except psycopg.OperationalError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ClipdexError(f"cannot reach the catalog {self.location.describe()}: {reason}") from None
+        conn = connect_postgres(self.location, application_name=name[:63])
         taken = conn.execute(f"SELECT pg_try_advisory_lock({self._KEY})").fetchone()[0]
         if not taken:
             holder = self._describe_holder(conn)

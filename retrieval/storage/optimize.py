@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -60,25 +61,11 @@ class OptimizeReport:
         return cls(**{**raw, "plan": IndexPlan(**raw["plan"])})
 
 
-def optimize(
-    store: VectorStore,
-    *,
-    max_memory: int = index_rules.DEFAULT_MAX_MEMORY,
-    target_recall: float = index_rules.DEFAULT_TARGET_RECALL,
-    exact_below: int = index_rules.EXACT_BELOW,
-    queries: int = DEFAULT_QUERIES,
-    seed: int = 0,
-) -> OptimizeReport:
-    """Take the writer lock and build the index the rules choose (see `optimize_locked`)."""
+def optimize(store: VectorStore, **settings: Any) -> OptimizeReport:
+    """Take the writer lock and build the index the rules choose: `optimize_locked`, whose
+    keyword settings (and defaults) this takes."""
     with IndexWriter(store) as writer:
-        return optimize_locked(
-            writer,
-            max_memory=max_memory,
-            target_recall=target_recall,
-            exact_below=exact_below,
-            queries=queries,
-            seed=seed,
-        )
+        return optimize_locked(writer, **settings)
 
 
 def optimize_if_needed(writer: IndexWriter, **options: object) -> OptimizeReport | None:

@@ -43,6 +43,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from .schema_names import ACTIVE, CHANGES_FROM, PENDING, SCHEMA_VERSION, TAKEN_OR_CHANGED
+from .sql_dialects import DIALECTS
 
 __all__ = ["ACTIVE", "CHANGES_FROM", "PENDING", "SCHEMA_VERSION", "TAKEN_OR_CHANGED"]
 
@@ -265,11 +266,8 @@ def read_schema_version(conn: Connection) -> str | None:
 
 
 def _table_exists(conn: Connection, name: str) -> bool:
-    if conn.dialect.name == "sqlite":
-        found = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
-    else:  # the schema the connection's search_path puts first
-        found = conn.exec_driver_sql("SELECT 1 WHERE to_regclass(%s) IS NOT NULL", (name,))
-    return found.first() is not None
+    dialect = DIALECTS[conn.dialect.name]
+    return conn.exec_driver_sql(dialect.sql(dialect.table_exists), (name,)).first() is not None
 
 
 def _index_names(conn: Connection) -> set[str]:

@@ -22,6 +22,8 @@ class Dialect:
     json_ids: str
     # The ids of a subquery `q` as one space-separated text (parsed by numpy: no tuple a row).
     joined_ids: str
+    # One row when the table named by the parameter exists (in the schema searched first).
+    table_exists: str
     # A column followed by this matches a whole list of ids given as one array parameter; None:
     # the ids go as marks, in chunks within SQLite's parameter limit.
     id_array: str | None
@@ -37,6 +39,7 @@ SQLITE = Dialect(
     begin_snapshot="BEGIN",
     no_limit=-1,
     json_ids="SELECT value FROM json_each(?)",
+    table_exists="SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
     joined_ids="SELECT group_concat(id, ' ') FROM ({q})",
     id_array=None,
 )
@@ -47,7 +50,10 @@ POSTGRESQL = Dialect(
     begin_snapshot="BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
     no_limit=None,
     json_ids="SELECT value::bigint FROM json_array_elements_text(?::json)",
+    table_exists="SELECT 1 WHERE to_regclass(?) IS NOT NULL",
     joined_ids="SELECT string_agg(id::text, ' ') FROM ({q}) AS listed",
     # psycopg parses a statement of 100 marks for ~1 ms: 3x the lookup (bench/catalog_ops.py).
     id_array="= ANY(?::bigint[])",
 )
+
+DIALECTS = {d.name: d for d in (SQLITE, POSTGRESQL)}  # by SQLAlchemy's dialect name
