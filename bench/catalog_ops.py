@@ -16,8 +16,8 @@ on a shared machine hits both. Measured:
 - replace: one commit that removes --batch images and adds --batch others (changed files) -> /s;
 - state(), records(100 ids), stored_vectors(100 ids), select_ids(a 1% folder) -> calls/s, on
   PostgreSQL after an ANALYZE of the catalog's tables (what autovacuum does soon after an index
-  run, and what clipdex's writer itself runs at the end of each run on PostgreSQL; --no-analyze:
-  without). SQLite has no automatic ANALYZE, and the catalog runs none: it is read as clipdex
+  run, and what clipdex's writer itself runs at the end of a run of 1,000 changes or more;
+  --no-analyze: without). SQLite has no automatic ANALYZE, and the catalog runs none: it is read as clipdex
   leaves it.
 
 The PostgreSQL catalog lives in a schema of its own (made here, dropped at the end), so --postgres

@@ -453,3 +453,15 @@ def test_meta_records_the_change_log_start_for_new_catalogs(tmp_path):
         assert json.loads(json.dumps(catalog.get_meta("schema_version"))) == "3"
     finally:
         catalog.close()
+
+
+def test_statistics_are_refreshed_after_a_large_run_only(base, monkeypatch):
+    """ANALYZE (PostgreSQL) samples the whole table: a writer that changed a few rows leaves it to
+    autovacuum, one that changed many refreshes it on the way out."""
+    refreshed: list[int] = []
+    monkeypatch.setattr(Catalog, "refresh_statistics", lambda self: refreshed.append(1))
+    write(base, added=3, seed=21)
+    assert refreshed == []
+    monkeypatch.setattr(writer_mod, "STATISTICS_AFTER", 100)
+    write(base, added=100, seed=22)
+    assert refreshed == [1]

@@ -23,6 +23,10 @@ from .records import FailureRecord, Move, NewImage
 from .vector_store import VectorStore
 
 SignatureMatch = Callable[[dict, dict], bool]  # same model? (two recorded signatures)
+# Rows added, removed or re-embedded by one writer past which it refreshes the catalog's
+# statistics on the way out (Catalog.refresh_statistics; PostgreSQL only): a run that changed a
+# few rows leaves it to autovacuum rather than sampling a million-row table each time.
+STATISTICS_AFTER = 1000
 
 
 class IndexWriter:
@@ -35,6 +39,7 @@ class IndexWriter:
         self.lock = store.catalog.writer_lock()
         self.save_after_changes = save_after_changes
         self._pending: int | None = None  # the model id a reindex embeds into
+        self.rows_changed = 0  # by this writer's commits (STATISTICS_AFTER)
 
     def __enter__(self) -> IndexWriter:
         self.lock.acquire()
@@ -51,7 +56,8 @@ class IndexWriter:
     def __exit__(self, *exc: object) -> None:
         try:
             self._save_if_due(finishing=True)
-            self.catalog.refresh_statistics()
+            if self.rows_changed >= STATISTICS_AFTER:
+                self.catalog.refresh_statistics()
         finally:
             self.lock.release()
 
@@ -141,6 +147,7 @@ class IndexWriter:
             revectored=revectored,
             model_id=self._pending,
         )
+        self.rows_changed += len(added) + len(removed) + len(revectored)
         if faiss is not None:
             searchable = bool(added) and self._pending is None  # a reindex embeds for later
             vectors = np.empty((0, faiss.dim), np.float32)
