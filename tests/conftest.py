@@ -253,6 +253,36 @@ def wait_for_rows(proc: subprocess.Popen, db: Path, rows: int, timeout: float) -
         time.sleep(0.01)
 
 
+def sqlite_plans(catalog, run: Callable[[], object], table: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """SQLite's query plan of every SELECT naming `table` that `run()` executes: SQLite's own
+    trace (the statement with its values inlined) on every read connection made meanwhile (the
+    catalog's reads all go through its driver pool, here one of traced connections)."""
+    from retrieval.storage import catalog as catalog_module
+
+    statements: list[str] = []
+
+    def trace(statement: str) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and table in statement:
+            statements.append(statement)
+
+    def traced_connection() -> sqlite3.Connection:
+        conn = catalog_module._sqlite_reader(catalog.path)()
+        conn.set_trace_callback(trace)
+        return conn
+
+    untraced, catalog._reads = catalog._reads, catalog_module._DriverPool(traced_connection)
+    try:
+        run()
+    finally:
+        catalog._reads.close()
+        catalog._reads = untraced
+    with sqlite3.connect(catalog.path) as conn:
+        return [
+            " | ".join(str(r[-1]) for r in conn.execute("EXPLAIN QUERY PLAN " + statement).fetchall())
+            for statement in statements
+        ]
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

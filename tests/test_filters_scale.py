@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import postgres_base_url, postgres_schema
+from conftest import postgres_base_url, postgres_schema, sqlite_plans
 
 from retrieval.core.filters import Filters, folder_prefixes, glob_matches
-from retrieval.storage import catalog as catalog_module
 from retrieval.storage.catalog import Catalog, open_catalog
 from retrieval.storage.records import ImageRecord, NewImage
 
@@ -193,34 +191,6 @@ def test_filter_ids_equals_brute_force_on_candidates(random_catalog):
         assert catalog.filter_ids(candidates, f).tolist() == expected, f
 
 
-def _plans(catalog: Catalog, run) -> list[str]:  # type: ignore[no-untyped-def]
-    """SQLite's query plan of every SELECT on `images` that `run()` executes: SQLite's own trace
-    (the statement with its values inlined) on every read connection made meanwhile (the
-    catalog's reads all go through its driver pool, here one of traced connections)."""
-    statements: list[str] = []
-
-    def trace(statement: str) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "images" in statement:
-            statements.append(statement)
-
-    def traced_connection() -> sqlite3.Connection:
-        conn = catalog_module._sqlite_reader(catalog.path)()
-        conn.set_trace_callback(trace)
-        return conn
-
-    untraced, catalog._reads = catalog._reads, catalog_module._DriverPool(traced_connection)
-    try:
-        run()
-    finally:
-        catalog._reads.close()
-        catalog._reads = untraced
-    with sqlite3.connect(catalog.path) as conn:
-        return [
-            " | ".join(str(r[-1]) for r in conn.execute("EXPLAIN QUERY PLAN " + statement).fetchall())
-            for statement in statements
-        ]
-
-
 @pytest.mark.parametrize(
     "filters",
     [
@@ -237,7 +207,7 @@ def test_folder_type_and_date_filters_use_an_index(random_catalog, filters, meth
     catalog, corpus = random_catalog
     if catalog.location.is_postgres:
         pytest.skip("SQLite's query plans")
-    plans = _plans(catalog, lambda: getattr(catalog, method)(filters))
+    plans = sqlite_plans(catalog, lambda: getattr(catalog, method)(filters), "images")
     assert plans
     for plan in plans:
         assert "SCAN images" not in plan and "USING" in plan, plan
@@ -251,7 +221,7 @@ def test_filter_ids_looks_candidates_up_by_key(random_catalog, filters):
     if catalog.location.is_postgres:
         pytest.skip("SQLite's query plans")
     candidates = np.asarray(sorted(corpus["records"]))[::7]
-    plans = _plans(catalog, lambda: catalog.filter_ids(candidates, filters))
+    plans = sqlite_plans(catalog, lambda: catalog.filter_ids(candidates, filters), "images")
     assert plans
     for plan in plans:
         assert "SCAN images" not in plan, plan
