@@ -11,13 +11,17 @@ same size is the worst case for an approximate index (recall only). Paths spread
 folders (/bench/d00 holds 1%), half of them .jpg (the type filter: 50%) and dates over 20 years.
 
 For each size: import time and bytes written; bytes on disk; in a fresh process open + first
-search (time from before clipdex is imported), warm p50/p99 over --queries queries, recall@10
+search (time from before clipdex is imported), warm p50/p99 over --queries queries (and right
+after, the p50/p99 of a fixed computation as long: the machine's own jitter), recall@10
 against exact search (numpy, by blocks, on the vectors as imported), filtered search p50 (and
 recall) for the 1% and 50% filters, peak RSS of that process; then the time and bytes written
-(/proc/<pid>/io) to import 10k more images into the index. The model is a seeded random
-ViT-B-32 checkpoint made once in the workdir (or --pretrained PATH): only its dimension and
-signature matter here. Children use --workdir/cache as CLIPDEX_CACHE, warmed by a small import
-first, so the one-time ONNX text-tower export is not counted.
+(/proc/<pid>/io) to import 10k more images into a copy of the index, two ways: as a new folder of
+recent photos (a camera's month: one new folder, dates after every other) and spread over every
+folder and date of the index (2 new images in each of its 5,000 folders, dates over the 20 years:
+the worst case for the path and date indexes, every leaf of which such an add rewrites). The
+model is a seeded random ViT-B-32 checkpoint made once in the workdir (or --pretrained PATH):
+only its dimension and signature matter here. Children use --workdir/cache as CLIPDEX_CACHE,
+warmed by a small import first, so the one-time ONNX text-tower export is not counted.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -74,12 +79,29 @@ class Uniform:
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def _ext(g: int) -> str:
+    return "jpg" if g % 2 == 0 else ("png" if g % 4 == 1 else "webp")
+
+
 def row_path(g: int) -> str:
-    ext = "jpg" if g % 2 == 0 else ("png" if g % 4 == 1 else "webp")
-    return f"/bench/d{g % 100:02d}/{(g // 100) % 50:02d}/img{g:08d}.{ext}"
+    return f"/bench/d{g % 100:02d}/{(g // 100) % 50:02d}/img{g:08d}.{_ext(g)}"
 
 
-def write_set(dest: Path, dist: Structured | Uniform, first: int, n: int) -> None:
+def row_taken_at(g: int) -> float:
+    return T0 + (g * 7919 % 7300) * 86400.0
+
+
+def new_folder_path(g: int) -> str:
+    return f"/bench/new/img{g:08d}.{_ext(g)}"
+
+
+def new_folder_taken_at(g: int) -> float:
+    return T0 + 7300 * 86400.0 + (g % 30) * 86400.0  # the month after every other date
+
+
+def write_set(
+    dest: Path, dist: Structured | Uniform, first: int, n: int, path=row_path, taken_at=row_taken_at
+) -> None:  # type: ignore[no-untyped-def]
     """Rows first..first+n-1 of `dist` as clip-retrieval shards (skipped when already written)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -99,9 +121,9 @@ def write_set(dest: Path, dist: Structured | Uniform, first: int, n: int) -> Non
         rows = range(lo, hi)
         table = pa.table(
             {
-                "image_path": [row_path(g) for g in rows],
+                "image_path": [path(g) for g in rows],
                 "caption": [""] * (hi - lo),
-                "taken_at": [T0 + (g * 7919 % 7300) * 86400.0 for g in rows],
+                "taken_at": [taken_at(g) for g in rows],
             }
         )
         pq.write_table(table, dest / "metadata" / f"metadata_{name}.parquet")
@@ -205,6 +227,7 @@ def probe(spec_file: str) -> None:
             times.append(time.perf_counter() - t)
             found.append([_row(h.path) for h in hits])
         out["warm_ms"] = _pcts(times)
+        out["cpu_control_ms"] = _pcts(control_times(len(queries) - 1))
         out["found"] = found
         filters = {
             "folder_1pct": Filters(folders=(FOLDER_1PCT,)),
@@ -221,6 +244,21 @@ def probe(spec_file: str) -> None:
             out[f"found_{name}"] = found_f
     out["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(out))
+
+
+def control_times(n: int) -> list[float]:
+    """The machine's own jitter, for reading a p99: a fixed single-threaded computation of about
+    a search's length (sorting 100k floats 4 times; not BLAS, whose threads would compete),
+    timed `n` times right after the searches. Not interleaved with them: it would push their
+    data out of the CPU's caches."""
+    control = np.random.default_rng(0).random(100_000).astype(np.float32)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        for _ in range(4):
+            np.sort(control)
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def peak_rss_mb() -> float:
@@ -251,6 +289,7 @@ def run_probe(workdir: Path, index_dir: Path, queries: np.ndarray, filtered: int
     np.save(qfile, queries)
     sfile.write_text(json.dumps({"index": str(index_dir), "queries": str(qfile), "filtered": filtered}))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", str(sfile)]
+    os.sync()  # the import's writes go to disk now, not in the background of the timed searches
     done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(workdir), cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"probe failed:\n{done.stderr[-3000:]}")
@@ -318,11 +357,28 @@ def measure(workdir: Path, n: int, kind: str, pretrained: str, nq: int, filtered
             result[f"filtered_{name}_recall_at_10"] = round(recall(found, exact), 4)
     result.update(probe_out)
     if kind == "structured":
-        extra = workdir / f"{kind}-{n}-add{ADD_ROWS}"
-        write_set(extra, dist, n, ADD_ROWS)
-        result["add_10k"] = run_import(workdir, extra, index_dir, pretrained)
-        (index_dir / ".complete").unlink()  # the index now holds the extra rows: rebuild next time
+        adds = {
+            "add_10k_new_folder": (new_folder_path, new_folder_taken_at),
+            "add_10k_spread": (row_path, row_taken_at),
+        }
+        for name, (path, taken_at) in adds.items():
+            extra = workdir / f"{kind}-{n}-{name}"
+            write_set(extra, dist, n, ADD_ROWS, path, taken_at)
+            result[name] = import_into_copy(workdir, extra, index_dir, pretrained)
     return result
+
+
+def import_into_copy(workdir: Path, source: Path, index_dir: Path, pretrained: str) -> dict[str, Any]:
+    """run_import into a copy of `index_dir` (deleted after): the index itself stays as built, for
+    the next run and the other add."""
+    copy = workdir / f"{index_dir.name}.add-copy"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(index_dir, copy)
+    os.sync()  # the copy's own writes are flushed here, not counted in the child's
+    try:
+        return run_import(workdir, source, copy, pretrained)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def main() -> None:
