@@ -193,7 +193,7 @@ def test_reads_of_a_models_vectors_by_id_go_through_the_primary_key(catalog):
     """Reading vectors in id order walks the (image_id, model_id) key, and catching up reads
     the (model_id, generation) index, neither sorting rows in a temporary B-tree: SQLite, with no
     statistics, preferred the generation index for the model's equality, then read every vector
-    through it and sorted them (paging through a million vectors took a minute, not 2 s)."""
+    through it and sorted them (paging through a million vectors took 107 s, now 3 s)."""
     if catalog.location.is_postgres:
         pytest.skip("SQLite's query plans")
     ids = catalog.commit_changes(added=[new(f"/p/{i}.jpg", i) for i in range(40)])
