@@ -51,7 +51,7 @@ from .catalog_location import (
 from .lock import PostgresWriterLock, WriterLock
 from .records import FailureRecord, ImageRecord, Move, NewImage
 from .schema_names import ACTIVE, CHANGES_FROM, PENDING, SCHEMA_VERSION, TAKEN_OR_CHANGED
-from .sql_dialects import POSTGRESQL, SQLITE, Dialect
+from .sql_dialects import POSTGRESQL, SQLITE, SQLITE_CACHE_SIZE, Dialect, chunks
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -60,6 +60,14 @@ __all__ = ["CATALOG_NAME", "SCHEMA_VERSION", "Catalog", "open_catalog"]
 
 NORM_TOLERANCE = 1e-3  # stored vectors are unit-norm float32, within float32 rounding of the encoders
 _RECORD_COLUMNS = "id, path, size, mtime_ns, content_hash, width, height, format, taken_at, indexed_at"
+
+# A model's vectors in id order, through the primary key (image_id, model_id). The unary plus
+# keeps the planner off the (model_id, generation) index, which SQLite, with no statistics,
+# prefers for the equality on its first column: then every vector row was read through it and
+# sorted by id in a temporary B-tree (1.4 s for a million ids; paging through the vectors sorted
+# all that remained at each page: 1 s a page of 8,192 at 1M, against 1.8 s for all of them). The
+# plus is plain arithmetic in PostgreSQL too, whose planner has statistics.
+_BY_IMAGE_ID = "+model_id = ?"
 
 
 class IndexUpgradeNeeded(ClipdexError):
@@ -141,7 +149,7 @@ def _sqlite_reader(path: Path) -> Callable[[], sqlite3.Connection]:
     def connect() -> sqlite3.Connection:
         # isolation_level=None: no implicit transactions; snapshots BEGIN themselves.
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        conn.execute("PRAGMA cache_size = -65536")  # KiB: 2,048 pages of 32 KB, not the default 62
+        conn.execute(SQLITE_CACHE_SIZE)
         return conn
 
     return connect
@@ -272,17 +280,9 @@ class Catalog:
                 cursor.close()
 
     def _rows_by_ids(self, sql: str, ids: list[int], *params: object) -> Iterator[tuple]:
-        """Rows of `sql` (ending in the id column) for `ids`: in chunks of marks within SQLite's
-        parameter limit, or as one array parameter where the dialect takes one."""
+        """See `_rows_by_ids_on`, on a pooled connection."""
         with self._reads.connection() as conn:
-            if self.dialect.id_array is not None:
-                # Binary results too: a vector comes as its bytes, not as hex text to decode.
-                listed = self.dialect.sql(f"{sql} {self.dialect.id_array}")
-                yield from conn.execute(listed, (*params, ids), binary=True).fetchall()
-                return
-            for chunk in _chunks(ids, 900):
-                marks = ",".join("?" * len(chunk))
-                yield from conn.execute(f"{sql} IN ({marks})", (*params, *chunk)).fetchall()
+            yield from _rows_by_ids_on(conn, self.dialect, sql, ids, *params)
 
     # -- identity and history ---------------------------------------------------------------
     @contextmanager
@@ -496,7 +496,7 @@ class Catalog:
         """Those of `paths` that the catalog holds (through the unique index on path)."""
         wanted = [os.fsencode(p) for p in dict.fromkeys(paths)]
         found: set[str] = set()
-        for chunk in _chunks(wanted, 900):
+        for chunk in chunks(wanted):
             sql = f"SELECT path FROM images WHERE path IN ({','.join('?' * len(chunk))})"
             found.update(os.fsdecode(r[0]) for r in self._rows(sql, chunk))
         return found
@@ -778,13 +778,10 @@ class CatalogSnapshot:
 
     def embeddings(self, ids: Sequence[int], dim: int, model_id: int | None = None) -> np.ndarray:
         """The stored embeddings of `ids`, in that order (KeyError for an id without one)."""
-        model = self._model(model_id)
-        found: dict[int, bytes] = {}
-        for chunk in _chunks([int(i) for i in ids], 900):
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT image_id, vector FROM vectors WHERE model_id = ? AND image_id IN ({marks})"
-            found.update(self._rows(sql, (model, *chunk)))
-        return decode_vectors([found[i] for i in ids], dim)
+        sql = "SELECT image_id, vector FROM vectors WHERE model_id = ? AND image_id"
+        wanted = [int(i) for i in ids]
+        found = dict(_rows_by_ids_on(self.conn, self.dialect, sql, wanted, self._model(model_id)))
+        return decode_vectors([found[i] for i in wanted], dim)
 
     def changes_since(self, generation: int, model_id: int, dim: int) -> Changes | None:
         """See Catalog.changes_since. Both reads go through an index on (model, generation)."""
@@ -831,15 +828,6 @@ class CatalogSnapshot:
             last = int(ids[-1])
 
 
-# A model's vectors in id order, through the primary key (image_id, model_id). The unary plus
-# keeps the planner off the (model_id, generation) index, which SQLite, with no statistics,
-# prefers for the equality on its first column: then every vector row was read through it and
-# sorted by id in a temporary B-tree (1.4 s for a million ids; paging through the vectors sorted
-# all that remained at each page: 1 s a page of 8,192 at 1M, against 1.8 s for all of them). The
-# plus is plain arithmetic in PostgreSQL too, whose planner has statistics.
-_BY_IMAGE_ID = "+model_id = ?"
-
-
 def decode_vectors(blobs: Sequence[bytes], dim: int) -> np.ndarray:
     """Stored blobs as one float32 (n, dim) array."""
     if any(len(b) != dim * 4 for b in blobs):
@@ -856,6 +844,16 @@ def _changes_from(snap: CatalogSnapshot) -> int:
     return int(row[0]) if row is not None else 1 << 62  # no log at all: never catch up from it
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def _rows_by_ids_on(
+    conn: Any, dialect: Dialect, sql: str, ids: list[int], *params: object
+) -> Iterator[tuple]:
+    """Rows of `sql` (ending in the id column) for `ids`: in chunks of marks within SQLite's
+    parameter limit, or as one array parameter where the dialect takes one."""
+    if dialect.id_array is not None:
+        # Binary results too: a vector comes as its bytes, not as hex text to decode.
+        listed = dialect.sql(f"{sql} {dialect.id_array}")
+        yield from conn.execute(listed, (*params, ids), binary=True).fetchall()
+        return
+    for chunk in chunks(ids):
+        marks = ",".join("?" * len(chunk))
+        yield from conn.execute(f"{sql} IN ({marks})", (*params, *chunk)).fetchall()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import Integer, create_engine, delete, event, func, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection, Engine
@@ -35,7 +35,7 @@ from .schema import (
     record_commit,
     set_meta,
 )
-from .sql_dialects import DIALECTS
+from .sql_dialects import DIALECTS, SQLITE_CACHE_SIZE, chunks
 
 __all__ = ["create_or_upgrade", "set_meta"]
 
@@ -75,7 +75,7 @@ def make_engine(location: CatalogLocation) -> Engine:
         # Statement journals in memory: on disk, with 32 KB pages, each inserted row wrote about
         # 128 KB of them (a 100k import: 13.5 GB of writes, 0.52 GB with this and the cache).
         cur.execute("PRAGMA temp_store = MEMORY")
-        cur.execute("PRAGMA cache_size = -65536")  # KiB: 2,048 pages of 32 KB, not the default 62
+        cur.execute(SQLITE_CACHE_SIZE)
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -159,7 +159,7 @@ def drop_pending(conn: Connection) -> None:
 
 
 def copy_embeddings(conn: Connection, source: int, target: int, image_ids: Sequence[int]) -> None:
-    for chunk in _chunks([int(i) for i in image_ids], 900):
+    for chunk in chunks([int(i) for i in image_ids]):
         conn.execute(
             insert(VectorRow).from_select(
                 ["image_id", "model_id", "vector", "generation"],
@@ -205,7 +205,7 @@ def commit_changes(
     # The commit first: vectors written below carry its generation, and deletions (the cascade
     # of `removed` included) are logged under it, in this same transaction.
     generation = record_commit(conn) if added or removed or revectored or moved or touched else None
-    for chunk in _chunks([int(i) for i in removed], 900):
+    for chunk in chunks([int(i) for i in removed]):
         conn.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
     for m in list(moved) + list(touched):
         conn.execute(
@@ -224,7 +224,7 @@ def commit_changes(
         *(m.path for m in moved),
         *(f.path for f in failed),
     ]
-    for chunk in _chunks(settled, 900):
+    for chunk in chunks(settled):
         conn.execute(delete(FailureRow).where(FailureRow.path.in_(chunk)))
     for f in failed:
         conn.execute(
@@ -237,10 +237,10 @@ def commit_changes(
 def replace_tags(
     conn: Connection, image_ids: Sequence[int], labels: Sequence[str], rows: Sequence[dict]
 ) -> int:
-    for chunk in _chunks([int(i) for i in image_ids], 500):
+    for chunk in chunks([int(i) for i in image_ids], 500):
         conn.execute(delete(TagRow).where(TagRow.image_id.in_(chunk), TagRow.label.in_(list(labels))))
     live: set[int] = set()
-    for chunk in _chunks(sorted({int(r["image_id"]) for r in rows}), 900):
+    for chunk in chunks(sorted({int(r["image_id"]) for r in rows})):
         live.update(conn.execute(select(ImageRow.id).where(ImageRow.id.in_(chunk))).scalars())
     kept = [r for r in rows if r["image_id"] in live]
     if kept:
@@ -308,8 +308,3 @@ def _last_generation():  # type: ignore[no-untyped-def]
 
 def _vector_row(image_id: int, model_id: int | None, blob: bytes, generation: int | None) -> dict:
     return {"image_id": image_id, "model_id": model_id, "vector": blob, "generation": generation}
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

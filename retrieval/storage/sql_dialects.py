@@ -8,7 +8,22 @@ spelling with `?` marks, and a Dialect adapts the handful of spots that differ.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Lists of values go as marks in chunks of at most this many: SQLite before 3.32 took 999.
+MAX_MARKS = 900
+# Every SQLite connection to a catalog, reads and writes (KiB: 2,048 pages of 32 KB, not the
+# default 62).
+SQLITE_CACHE_SIZE = "PRAGMA cache_size = -65536"
+
+
+def chunks(items: Sequence[T], size: int = MAX_MARKS) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 @dataclass(frozen=True)
