@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -425,6 +426,28 @@ def test_a_loaded_ann_index_is_mapped_and_copied_once_before_a_change(ann_copy):
     assert np.array_equal(np.sort(mapped.ids()), np.sort(read.ids()))
     assert np.array_equal(mapped.search(queries, 20)[1], read.search(queries, 20)[1])
     assert not np.isin(gone, mapped.search(queries[:1], 20)[1]).any()
+
+
+def test_a_mapped_index_whose_first_list_is_empty_is_still_copied_before_a_change(ann_copy, tmp_path):
+    """An empty list loads as memory of its own while the others stay mapped: telling mapped
+    from owned by the first list alone let an add write into a mapped list (FAISS aborts the
+    process: 'cannot be performed on a viewed vector')."""
+    index = AnnIndex.load(ann_copy / FAISS_FILE, DIM, mmap=False)
+    assert index is not None
+    lists = index.ivf.invlists
+    first = faiss.rev_swig_ptr(lists.get_ids(0), lists.list_size(0)).copy()
+    assert len(first) and index.remove(first) == len(first)
+    path = tmp_path / FAISS_FILE
+    index.save(path, index.stamp)
+    loaded = AnnIndex.load(path, DIM)
+    assert loaded is not None and loaded.ivf.invlists.list_size(0) == 0
+    assert loaded.mapped
+    extra_ids = np.arange(10**6, 10**6 + 50, dtype=np.int64)
+    extra = clustered(50, seed=23)
+    for changed in (loaded, index):
+        changed.add(extra_ids, extra)
+    assert not loaded.mapped
+    assert np.array_equal(np.sort(loaded.ids()), np.sort(index.ids()))
 
 
 def test_an_hnsw_coarse_quantizer_still_scans_every_list_a_filtered_search_asks_for(ann_dir):

@@ -157,9 +157,11 @@ class AnnIndex(StampedIndex):
     def mapped(self) -> bool:
         """The lists are read-only views of the file (a fresh load), not memory of their own."""
         lists = faiss.downcast_InvertedLists(self.ivf.invlists)
-        if not isinstance(lists, faiss.ArrayInvertedLists) or self.nlist == 0:
+        if not isinstance(lists, faiss.ArrayInvertedLists):
             return False
-        return not lists.codes.at(0).is_owned
+        # A list that was empty in the file is loaded as memory of its own: ask a non-empty one.
+        first = next((i for i in range(self.nlist) if lists.list_size(i)), None)
+        return first is not None and not lists.codes.at(first).is_owned
 
     def _own_lists(self) -> None:
         """Before any change: copy mapped lists into lists of their own (~40 ms at 1M x PQ128),
