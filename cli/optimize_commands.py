@@ -38,7 +38,7 @@ def optimize_command(
     (SQ8 or PQ codes within --max-memory) whose candidates are re-ranked exactly; measures its
     recall@10 against exact search and records it (shown by `clipdex info`)."""
     from retrieval.index import ImageIndex
-    from retrieval.storage.index_rules import parse_size, rerank_depth
+    from retrieval.storage.index_rules import RECALL_K, parse_size, rerank_depth
 
     budget = parse_size(max_memory)
     with ImageIndex.open(index_dir) as idx:
@@ -53,7 +53,7 @@ def optimize_command(
         memory = human_bytes(plan.index_bytes)
         print(f"built:    {plan.factory} (~{memory} in memory), nprobe {report.nprobe}")
         measured = f"{report.queries} held-out queries, target {target_recall}"
-        depth = rerank_depth(10, report.rerank_factor)
+        depth = rerank_depth(RECALL_K, report.rerank_factor)
         print(f"recall@10 {report.recall_at_10:.3f} ({measured}; {depth} candidates re-scored exactly)")
     else:
         print("built:    Flat (exact search)")

@@ -50,7 +50,7 @@ from .catalog_location import (
 )
 from .lock import PostgresWriterLock, WriterLock
 from .records import FailureRecord, ImageRecord, Move, NewImage
-from .schema_names import ACTIVE, CHANGES_FROM, PENDING, SCHEMA_VERSION, TAKEN_OR_CHANGED
+from .schema_names import ACTIVE, CHANGES_FROM, PENDING, SCHEMA_VERSION, TAKEN_OR_CHANGED, parse_changes_from
 from .sql_dialects import POSTGRESQL, SQLITE, SQLITE_CACHE_SIZE, Dialect, chunks
 
 if TYPE_CHECKING:
@@ -841,7 +841,7 @@ def decode_vectors(blobs: Sequence[bytes], dim: int) -> np.ndarray:
 
 def _changes_from(snap: CatalogSnapshot) -> int:
     row = snap._one("SELECT value FROM meta WHERE key = ?", (CHANGES_FROM,))
-    return int(row[0]) if row is not None else 1 << 62  # no log at all: never catch up from it
+    return parse_changes_from(None if row is None else row[0])
 
 
 def _rows_by_ids_on(

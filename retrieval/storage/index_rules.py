@@ -50,7 +50,7 @@ RECALL_K = 10  # the k recall is measured at (optimize)
 # the catalog). The last one is the unmeasured default's depth at k = 10 (rerank_depth). Measured
 # at 1M structured x 512, IVF4096, nprobe 7, recall@10 at depth 20/30/40/100: PQ64 0.72 / 0.82 /
 # 0.86 / 0.97; PQ128 0.92 / 0.96 / 0.98 / 0.99 (read cost ~12 us a candidate, 32 KB pages).
-RERANK_FACTORS = (2, 3, 4, 6, 10)
+RERANK_FACTORS = (2, 3, 4, 6, MIN_RERANK // RECALL_K)
 # The cost model that trades lists scanned against candidates re-ranked (pick_search), from the
 # same measurements: a code scanned ~0.06 us (IVF4096,PQ128 at 1M: +14 us a list of ~250), a
 # candidate read from the catalog ~12 us. For nprobe, a cap of NPROBE_SPAN times the nprobe the
@@ -209,7 +209,7 @@ def train_size(n: int, nlist: int) -> int:
 def rerank_depth(k: int, factor: int | None = None) -> int:
     """Candidates scored exactly for a top-k: enough that a neighbour the codes rank a little too
     low still makes it. `factor`: the multiple of k that optimize measured to reach its target
-    recall (pick_rerank_factor), applied to k = 10 at least (what it was measured at); without
+    recall (pick_search), applied to k = 10 at least (what it was measured at); without
     one, the unmeasured default (100 for k up to 25)."""
     if factor is None:
         return max(RERANK_FACTOR * k, MIN_RERANK)
@@ -234,11 +234,11 @@ def pick_search(
     nprobe (pick_nprobe) up to NPROBE_SPAN times the one the deepest re-ranking needs; where
     none reaches the target, the deepest re-ranking and all lists it needs."""
     deepest = RERANK_FACTORS[-1]
-    nprobe, recall = pick_nprobe(lambda p: recall_at(p, deepest * RECALL_K), nlist, target)
+    nprobe, recall = pick_nprobe(lambda p: recall_at(p, rerank_depth(RECALL_K, deepest)), nlist, target)
     best = SearchChoice(nprobe, deepest, recall)
     cap = min(nlist, NPROBE_SPAN * nprobe)
     for factor in RERANK_FACTORS[:-1]:
-        nprobe, recall = pick_nprobe(lambda p: recall_at(p, factor * RECALL_K), cap, target)  # noqa: B023
+        nprobe, recall = pick_nprobe(lambda p: recall_at(p, rerank_depth(RECALL_K, factor)), cap, target)  # noqa: B023
         choice = SearchChoice(nprobe, factor, recall)
         if recall >= target and search_cost(choice, list_size) < search_cost(best, list_size):
             best = choice

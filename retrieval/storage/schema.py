@@ -42,7 +42,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from .schema_names import ACTIVE, CHANGES_FROM, PENDING, SCHEMA_VERSION, TAKEN_OR_CHANGED
+from .schema_names import ACTIVE, CHANGES_FROM, PENDING, SCHEMA_VERSION, TAKEN_OR_CHANGED, parse_changes_from
 from .sql_dialects import DIALECTS
 
 __all__ = ["ACTIVE", "CHANGES_FROM", "PENDING", "SCHEMA_VERSION", "TAKEN_OR_CHANGED"]
@@ -256,7 +256,7 @@ def set_meta(conn: Connection, key: str, value: str) -> None:
 
 def changes_from(conn: Connection) -> int:
     raw = conn.execute(select(MetaRow.value).where(MetaRow.key == CHANGES_FROM)).scalar_one_or_none()
-    return int(raw) if raw is not None else 1 << 62  # no log at all: never catch up from it
+    return parse_changes_from(raw)
 
 
 def read_schema_version(conn: Connection) -> str | None:

@@ -6,6 +6,13 @@ ACTIVE, PENDING = "active", "pending"  # models.state
 # meta key: the change log (vectors.generation, removals) is complete for every generation
 # after this one; catching up from an older stamp needs the full id diff.
 CHANGES_FROM = "changes_from"
+
+
+def parse_changes_from(raw: str | None) -> int:
+    """The CHANGES_FROM value as stored; a catalog without one has no log: never catch up."""
+    return int(raw) if raw is not None else 1 << 62
+
+
 # When a photo was taken, or else last changed: what the date filters compare. The index
 # `ix_images_by_date` is on this very expression, and the filters write it verbatim, so that the
 # database uses the index.
