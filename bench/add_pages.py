@@ -20,10 +20,10 @@ import os
 import shutil
 import sqlite3
 import struct
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from scale import import_child, index_copy, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 _WAL_HEADER, _FRAME_HEADER = 32, 24
@@ -53,10 +53,7 @@ def import_keeping_log(log_copy: str, args: list[str]) -> None:
         return engine
 
     catalog_writes.make_engine = keeping_log
-    sys.argv = ["clipdex", *args]
-    from cli.main import run
-
-    run()
+    run_cli(args)
 
 
 def logged_pages(wal: Path) -> tuple[int, list[int]]:
@@ -86,7 +83,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", type=Path, help="the index to add to (left as it is)")
     ap.add_argument("--source", type=Path, help="embeddings in clip-retrieval's layout")
-    ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--pretrained", help="the checkpoint the index was built with")
     ap.add_argument("--keep-log", help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -94,21 +90,15 @@ def main() -> None:
     if args.keep_log:
         import_keeping_log(args.keep_log, args.rest)
         return
-    with tempfile.TemporaryDirectory(dir=args.index.parent, prefix=".add-pages-") as tmp:
-        copy, log = Path(tmp) / "index", Path(tmp) / "catalog.wal"
-        shutil.copytree(args.index, copy)
-        cmd = [
-            sys.executable, str(Path(__file__).resolve()), "--keep-log", str(log), "--",
-            "import", str(args.source), "--index", str(copy), "--model", args.model,
-            "--pretrained", args.pretrained, "--json",
-        ]  # fmt: skip
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-        if done.returncode != 0:
-            raise SystemExit(f"clipdex import failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with index_copy(args.index) as copy, tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "catalog.wal"
+        _, summary = import_child(
+            Path(__file__), ["--keep-log", str(log)], args.source, copy, args.pretrained, env
+        )
         page_size, pages = logged_pages(log)
         report = {
-            "added": json.loads(done.stdout)["added"],
+            "added": summary["added"],
             "page_size": page_size,
             "logged_bytes": len(pages) * page_size,
             "by_btree": by_btree(copy / "catalog.sqlite", page_size, pages),

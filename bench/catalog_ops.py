@@ -15,10 +15,9 @@ on a shared machine hits both. Measured:
   images/s and commits/s over --images images;
 - replace: one commit that removes --batch images and adds --batch others (changed files) -> /s;
 - state(), records(100 ids), stored_vectors(100 ids), select_ids(a 1% folder) -> calls/s, on
-  PostgreSQL after an ANALYZE of the catalog's tables (what autovacuum does soon after an index
-  run, and what clipdex's writer itself runs at the end of a run of 1,000 changes or more;
-  --no-analyze: without). SQLite has no automatic ANALYZE, and the catalog runs none: it is read as clipdex
-  leaves it.
+  PostgreSQL after the ANALYZE that clipdex's writer itself runs at the end of a run of 1,000
+  changes or more (Catalog.refresh_statistics; --no-analyze: without). SQLite has no automatic
+  ANALYZE, and the catalog runs none: it is read as clipdex leaves it.
 
 The PostgreSQL catalog lives in a schema of its own (made here, dropped at the end), so --postgres
 may name any database the user can create schemas in. Without --postgres: $CLIPDEX_TEST_POSTGRES
@@ -48,11 +47,12 @@ from typing import Any
 import numpy as np
 from machine import machine_facts
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable as a plain script
+ROOT = Path(__file__).resolve().parents[1]  # on sys.path through machine (runnable as a script)
 
+from retrieval.core.errors import ClipdexError  # noqa: E402
 from retrieval.core.filters import Filters  # noqa: E402
 from retrieval.storage.catalog import Catalog, open_catalog  # noqa: E402
+from retrieval.storage.catalog_location import CatalogLocation, connect_postgres, normalise_url  # noqa: E402
 from retrieval.storage.records import NewImage  # noqa: E402
 
 BACKENDS = ("sqlite", "postgresql")
@@ -67,12 +67,14 @@ class BenchError(Exception):
 @dataclass
 class Timing:
     ops: int = 0
-    seconds: float = 0.0
     each: list[float] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.each)
 
     def add(self, seconds: float, ops: int = 1) -> None:
         self.ops += ops
-        self.seconds += seconds
         self.each.append(seconds)
 
     def summary(self, unit: str) -> dict[str, float]:
@@ -114,10 +116,6 @@ def new_images(start: int, count: int, dim: int, rng: np.random.Generator) -> li
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------
-def _libpq(url: str) -> str:
-    return "postgresql://" + url.split("://", 1)[1]
-
-
 @contextmanager
 def throwaway_server() -> Iterator[tuple[str, bool]]:
     """scripts/postgres.sh --durable with a state file of its own (never another run's server)."""
@@ -138,14 +136,13 @@ def throwaway_server() -> Iterator[tuple[str, bool]]:
 @contextmanager
 def bench_schema(base_url: str) -> Iterator[tuple[str, dict[str, str]]]:
     """A fresh schema in the database of `base_url`; yields (its URL, the server's settings)."""
-    import psycopg
     from psycopg import sql
 
     schema = f"bench_{secrets.token_hex(6)}"
     try:
-        admin = psycopg.connect(_libpq(base_url), autocommit=True, connect_timeout=10)
-    except psycopg.OperationalError as exc:
-        raise BenchError(f"cannot reach {base_url}: {str(exc).strip().splitlines()[0]}") from None
+        admin = connect_postgres(CatalogLocation(ROOT, normalise_url(base_url)), connect_timeout=10)
+    except ClipdexError as exc:
+        raise BenchError(str(exc)) from None
     with admin:
         admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
         names = ("server_version", "fsync", "synchronous_commit", "full_page_writes", "shared_buffers")
@@ -156,20 +153,6 @@ def bench_schema(base_url: str) -> Iterator[tuple[str, dict[str, str]]]:
             yield f"{base_url}{joiner}options=-csearch_path%3D{schema}", settings
         finally:
             admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-
-
-def analyze_schema(url: str) -> None:
-    """ANALYZE the catalog's tables, as autovacuum does within a minute or so of a large change.
-    Without statistics the planner guessed a handful of rows a model and read all the model's
-    vectors for 100 ids (stored_vectors 1.5x slower at 20k images), which no search minutes
-    after an index run sees."""
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(_libpq(url), autocommit=True) as conn:
-        tables = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
-        for (table,) in tables.fetchall():
-            conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
 
 
 # -- the measurements ---------------------------------------------------------------------
@@ -264,7 +247,8 @@ def run(args: argparse.Namespace, pg_url: str, work: Path) -> dict[str, Any]:
         commit_phase(backends, images, args.batch, args.block)
         replace_phase(backends, fresh, rng)
         if args.analyze:
-            analyze_schema(pg_url)
+            for backend in backends:
+                backend.catalog.refresh_statistics()  # what the writer runs (nothing in SQLite)
         read_phase(backends, args.dim, args.rounds, args.calls, rng)
         for backend in backends:
             if backend.catalog.count() != args.images:
@@ -292,12 +276,19 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4, help="read rounds (the order swaps each round)")
     parser.add_argument("--calls", type=int, default=200, help="calls of each read per round")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-analyze", dest="analyze", action="store_false",
-                        help="read PostgreSQL without planner statistics (as in the first minute after a "
-                        "large commit, before autovacuum's ANALYZE)")
-    parser.add_argument("--postgres", default=os.environ.get("CLIPDEX_TEST_POSTGRES") or None,
-                        help="postgresql+psycopg:// URL of a database (default: $CLIPDEX_TEST_POSTGRES, "
-                        "else a throwaway server started here)")
+    parser.add_argument(
+        "--no-analyze",
+        dest="analyze",
+        action="store_false",
+        help="read PostgreSQL without planner statistics (as in the first minute after a "
+        "large commit, before autovacuum's ANALYZE)",
+    )
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get("CLIPDEX_TEST_POSTGRES") or None,
+        help="postgresql+psycopg:// URL of a database (default: $CLIPDEX_TEST_POSTGRES, "
+        "else a throwaway server started here)",
+    )
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
     if args.images < 10 * FOLDERS or args.images < READ_IDS + args.batch:

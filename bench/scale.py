@@ -35,6 +35,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -175,19 +177,11 @@ def child_env(workdir: Path) -> dict[str, str]:
 def run_import(workdir: Path, source: Path, index_dir: Path, pretrained: str) -> dict[str, Any]:
     """`clipdex import` in a child; its wall time, summary and /proc/<pid>/io at exit."""
     io_file = workdir / f".io-{os.getpid()}-{time.monotonic_ns()}"
-    cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--io-wrap", str(io_file), "--",
-        "import", str(source), "--index", str(index_dir), "--model", "ViT-B-32",
-        "--pretrained", pretrained, "--json",
-    ]  # fmt: skip
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(workdir), cwd=ROOT)
-    wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"clipdex import failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    wall, summary = import_child(
+        Path(__file__), ["--io-wrap", str(io_file)], source, index_dir, pretrained, child_env(workdir)
+    )
     io = dict(line.split(": ") for line in io_file.read_text().splitlines())
     io_file.unlink()
-    summary = json.loads(done.stdout)
     return {
         "seconds": round(wall, 2),
         "added": summary["added"],
@@ -197,15 +191,39 @@ def run_import(workdir: Path, source: Path, index_dir: Path, pretrained: str) ->
     }
 
 
+def import_child(
+    script: Path, wrap: list[str], source: Path, index_dir: Path, pretrained: str, env: dict[str, str]
+) -> tuple[float, dict[str, Any]]:
+    """`script wrap... -- import SOURCE --index INDEX_DIR ... --json` (a script that runs the
+    command line through run_cli, with something of its own around it) in a child: its wall time
+    and the import's JSON summary; a failure ends the benchmark with the child's stderr."""
+    cmd = [
+        sys.executable, str(script.resolve()), *wrap, "--",
+        "import", str(source), "--index", str(index_dir), "--model", "ViT-B-32",
+        "--pretrained", pretrained, "--json",
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"clipdex import failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return wall, json.loads(done.stdout)
+
+
+def run_cli(args: list[str]) -> None:
+    """The clipdex command line, in this process."""
+    sys.argv = ["clipdex", *args]
+    from cli.main import run
+
+    run()
+
+
 def io_wrap(out: str, args: list[str]) -> None:
     """Run the clipdex command line in this process; write /proc/self/io at exit."""
     import atexit
 
     atexit.register(lambda: Path(out).write_text(Path("/proc/self/io").read_text()))
-    sys.argv = ["clipdex", *args]
-    from cli.main import run
-
-    run()
+    run_cli(args)
 
 
 def probe(spec_file: str) -> None:
@@ -369,14 +387,22 @@ def measure(workdir: Path, n: int, kind: str, pretrained: str, nq: int, filtered
 
 
 def import_into_copy(workdir: Path, source: Path, index_dir: Path, pretrained: str) -> dict[str, Any]:
-    """run_import into a copy of `index_dir` (deleted after): the index itself stays as built, for
-    the next run and the other add."""
-    copy = workdir / f"{index_dir.name}.add-copy"
+    """run_import into a copy of `index_dir`: the index itself stays as built, for the next run
+    and the other add."""
+    with index_copy(index_dir) as copy:
+        return run_import(workdir, source, copy, pretrained)
+
+
+@contextmanager
+def index_copy(index_dir: Path) -> Iterator[Path]:
+    """A copy of the index folder beside it, its writes flushed (not counted in what a child
+    writes next), deleted after."""
+    copy = index_dir.parent / f"{index_dir.name}.add-copy"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(index_dir, copy)
-    os.sync()  # the copy's own writes are flushed here, not counted in the child's
+    os.sync()
     try:
-        return run_import(workdir, source, copy, pretrained)
+        yield copy
     finally:
         shutil.rmtree(copy, ignore_errors=True)
 
