@@ -396,9 +396,9 @@ def test_verify_reports_a_file_that_contradicts_the_log(base):
 
 
 def test_verify_accepts_a_file_older_than_the_log_as_openers_do(sqlite_base):
-    base = sqlite_base
     """A file from before the change log starts (an upgraded catalog, a trimmed log) is caught up
     by the id diff when opened: verify checks it the same way instead of reporting it."""
+    base = sqlite_base
     write(base, added=2, seed=14)  # the file lags by one commit
     with sqlite3.connect(base / CATALOG_NAME) as conn:  # the log now starts after the file's stamp
         (latest,) = conn.execute("SELECT max(generation) FROM commits").fetchone()
