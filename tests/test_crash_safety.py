@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import os
 import random
 import re
@@ -70,10 +71,19 @@ class OsWithHooks:
 
 # -- helpers ------------------------------------------------------------------------------------
 def fork_indexer(photos: Path, index_dir: Path, clip: ClipModel, arm=None, options=CHILD_OPTIONS) -> int:  # type: ignore[no-untyped-def]
-    """`index_folders` in a forked child; `arm()` runs in the child first, to plant a fault."""
+    """`index_folders` in a forked child; `arm()` runs in the child first, to plant a fault.
+
+    The parent's garbage is collected before the fork and the rest frozen for the child: an
+    ONNX Runtime session an earlier test left for the garbage collector, collected in the child,
+    waits forever for its thread pool, whose threads a fork does not copy (seen after
+    test_tags.py: the child hung in pthread_cond_destroy)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    gc.collect()
+    gc.freeze()
     pid = os.fork()
+    if pid != 0:
+        gc.unfreeze()
     if pid == 0:  # the child: never returns into pytest
         code = 0
         try:
