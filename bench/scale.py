@@ -8,7 +8,8 @@ img_emb/img_emb_N.npy + metadata/metadata_N.parquet): a mixture of clusters (siz
 in a random 64-dimensional subspace of R^512 plus small isotropic noise, unit-normalised; the
 queries come from the same distribution but are not in the index. A uniform-random set of the
 same size is the worst case for an approximate index (recall only). Paths spread over 100
-folders (/bench/d00 holds 1%), half of them .jpg (the type filter: 50%) and dates over 20 years.
+folders (/bench/d00 holds 1%), half of them .jpg (the type filter: 50%), dates over 20 years
+and a distinct sha256 each.
 
 For each size: import time and bytes written; bytes on disk; in a fresh process open + first
 search (time from before clipdex is imported), warm p50/p99 over --queries queries (and right
@@ -27,6 +28,7 @@ warmed by a small import first, so the one-time ONNX text-tower export is not co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -126,6 +128,9 @@ def write_set(
                 "image_path": [path(g) for g in rows],
                 "caption": [""] * (hi - lo),
                 "taken_at": [taken_at(g) for g in rows],
+                # What img2dataset records and `clipdex index` computes: each row's own digest,
+                # so the catalog indexes real, random-looking hashes.
+                "sha256": [hashlib.sha256(b"%d" % g).hexdigest() for g in rows],
             }
         )
         pq.write_table(table, dest / "metadata" / f"metadata_{name}.parquet")

@@ -39,6 +39,12 @@ if TYPE_CHECKING:
 
     from retrieval.embedding.clip_model import ClipModel
 
+# ids_with_bytes: neighbours asked first, and the cosine from which a hit may be a copy. The
+# same bytes embedded by another backend (ONNX, int8, bfloat16) score above 0.99; 0.9 leaves
+# room and still keeps the digest checks to a few rows.
+COPIES_FIRST_K = 16
+COPY_MIN_SCORE = 0.9
+
 
 @dataclass(frozen=True)
 class IndexInfo:
@@ -197,6 +203,22 @@ class ImageIndex:
         """Top-k images by cosine similarity to `vector` (normalised here)."""
         self._require_signature()
         return top_hits(self.store, vector, k, allowed_ids=allowed_ids, exclude_ids=exclude_ids)
+
+    def ids_with_bytes(self, vector: np.ndarray, digest: str) -> list[int]:
+        """Ids of the indexed files whose bytes hash to `digest` (sha256 hex, as the indexer
+        records it), given `vector`, the embedding of those bytes. Such a file's stored vector is
+        that same embedding (up to the rounding of the backend that made it), so its copies are
+        among its nearest neighbours, and the digest of each row confirms them. No SQL index on
+        the digests: random keys, so at a million images an add of 10k images rewrote every
+        leaf of it (bench/scale.py)."""
+        k = COPIES_FIRST_K
+        while True:
+            near = [h for h in self.search_vector(vector, k) if h.score >= COPY_MIN_SCORE]
+            records = self.records([h.id for h in near])
+            copies = [h.id for h in near if records[h.id].content_hash == digest]
+            if len(near) < k or k >= self.store.faiss.ntotal:
+                return sorted(copies)
+            k *= 4  # every hit this close: there may be more copies further down
 
     def search_text(self, text: str, k: int = 10) -> list[Hit]:
         return self.search_vector(self.embed_text(text), k)

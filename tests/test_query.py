@@ -7,6 +7,7 @@ near-duplicate pairs (a scene and its resized copy) and one byte-identical copy 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -315,3 +316,18 @@ def test_paths_with_user_home_and_relative_images(corpus, idx, tiny_clip_model, 
     q = direct_images(tiny_clip_model, [corpus["pngs"][1]])[0]
     hits = idx.search_query(Query.parse(rel), k=5)
     assert_ranking(hits, expected_scores(corpus, q, exclude=[corpus["by_path"][str(corpus["pngs"][1])]]), 5)
+
+
+@pytest.mark.parametrize("first_k", [16, 1])  # 1: the search widens while every hit is near
+def test_ids_with_bytes_are_the_indexed_copies_of_those_bytes(corpus, idx, monkeypatch, first_k):
+    monkeypatch.setattr("retrieval.index.COPIES_FIRST_K", first_k)
+    original = corpus["pngs"][0]
+    copy = corpus["photos"] / "dups" / "copy_of_scene000.png"  # byte-identical
+    assert copy.read_bytes() == original.read_bytes()
+    digest = hashlib.sha256(original.read_bytes()).hexdigest()
+    vector = idx.embed_image(original)
+    want = sorted({corpus["by_path"][str(original)], corpus["by_path"][str(copy)]})
+    assert idx.ids_with_bytes(vector, digest) == want
+    assert idx.ids_with_bytes(vector, "0" * 64) == []  # near, but other bytes
+    other = corpus["webps"][0]
+    assert idx.ids_with_bytes(idx.embed_image(other), digest) == []  # the digest, but far away

@@ -376,6 +376,34 @@ def test_a_schema_2_catalog_is_upgraded_in_place(sqlite_base, monkeypatch):
         store.catalog.close()
 
 
+def test_a_schema_3_catalog_is_searched_as_is_and_its_digest_index_dropped_by_the_next_writer(
+    sqlite_base, monkeypatch
+):
+    base = sqlite_base
+    with sqlite3.connect(base / CATALOG_NAME) as conn:  # as schema 3 left it
+        conn.execute("CREATE INDEX ix_images_content_hash ON images (content_hash)")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    ids, vectors = catalog_view(base)
+    catalog = open_catalog(base, create=False)  # a search: reads it, upgrades nothing
+    try:
+        assert catalog.get_meta("schema_version") == "3"
+        changes_from = catalog.get_meta(CHANGES_FROM)
+    finally:
+        catalog.close()
+    write(base, added=2, seed=12)  # an indexing run (open_catalog with create)
+    catalog = Catalog.open(base)
+    try:
+        assert catalog.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
+        assert catalog.get_meta(CHANGES_FROM) == changes_from  # the log still covers every cache
+    finally:
+        catalog.close()
+    with sqlite3.connect(base / CATALOG_NAME) as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM pragma_index_list('images')")}
+    assert "ix_images_content_hash" not in names and "ix_images_by_date" in names
+    after_ids, after_vectors = catalog_view(base)
+    assert np.array_equal(after_ids[: len(ids)], ids) and np.array_equal(after_vectors[: len(ids)], vectors)
+
+
 def test_verify_reports_a_file_that_contradicts_the_log(base):
     """The lagging file is checked caught up: an id the log says was added, already in the file,
     is a real inconsistency."""
@@ -450,7 +478,7 @@ def test_meta_records_the_change_log_start_for_new_catalogs(tmp_path):
     catalog = Catalog.open(index_dir, create=True)
     try:
         assert catalog.get_meta(CHANGES_FROM) == str(catalog.state().generation)
-        assert json.loads(json.dumps(catalog.get_meta("schema_version"))) == "3"
+        assert json.loads(json.dumps(catalog.get_meta("schema_version"))) == "4"
     finally:
         catalog.close()
 

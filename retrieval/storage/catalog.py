@@ -50,7 +50,15 @@ from .catalog_location import (
 )
 from .lock import PostgresWriterLock, WriterLock
 from .records import FailureRecord, ImageRecord, Move, NewImage
-from .schema_names import ACTIVE, CHANGES_FROM, PENDING, SCHEMA_VERSION, TAKEN_OR_CHANGED, parse_changes_from
+from .schema_names import (
+    ACTIVE,
+    CHANGES_FROM,
+    OLDEST_READABLE,
+    PENDING,
+    SCHEMA_VERSION,
+    TAKEN_OR_CHANGED,
+    parse_changes_from,
+)
 from .sql_dialects import POSTGRESQL, SQLITE, SQLITE_CACHE_SIZE, Dialect, chunks
 
 if TYPE_CHECKING:
@@ -182,8 +190,8 @@ class Catalog:
 
         An index exists once its schema version is committed, not once the file exists: SQLite
         creates the file at the first connection, and a process killed before the tables were
-        committed must not leave a catalog that no later run can open. Without `create`, an
-        older schema raises IndexUpgradeNeeded: only a writer may upgrade it.
+        committed must not leave a catalog that no later run can open. Without `create`, a schema
+        older than OLDEST_READABLE raises IndexUpgradeNeeded: only a writer may upgrade it.
         """
         location = resolve_catalog(index_dir, url)
         if not create:
@@ -207,7 +215,7 @@ class Catalog:
                 f"index {index_dir} has schema version {version}; this clipdex reads up to "
                 f"{SCHEMA_VERSION}: upgrade clipdex"
             )
-        if version < SCHEMA_VERSION:
+        if version < OLDEST_READABLE:
             catalog.close()
             raise IndexUpgradeNeeded(
                 f"index {index_dir} has schema version {version}: open it for writing once to upgrade it"
@@ -426,11 +434,6 @@ class Catalog:
         else:
             rows = self._rows_by_ids(f"SELECT {_RECORD_COLUMNS} FROM images WHERE id", [int(i) for i in ids])
         return {row[0]: _record(row) for row in rows}
-
-    def ids_with_content_hash(self, digest: str) -> list[int]:
-        """Ids of the images whose file bytes hash to `digest` (sha256 hex); an indexed column."""
-        rows = self._rows("SELECT id FROM images WHERE content_hash = ? ORDER BY id", (digest,))
-        return [int(r[0]) for r in rows]
 
     def record_by_path(self, path: str) -> ImageRecord | None:
         row = self._one(f"SELECT {_RECORD_COLUMNS} FROM images WHERE path = ?", (os.fsencode(path),))
@@ -674,16 +677,21 @@ class Catalog:
 
 def open_catalog(directory: Path, *, create: bool, url: str | None = None) -> Catalog:
     """Open (with `create`: or make) the catalog; a catalog of an older clipdex is upgraded
-    first, under the writer lock, whoever opens it. `url`: see Catalog.open."""
+    first, under the writer lock: by whoever opens it if searches cannot read it, else by the
+    next writer that may create an index (`create`). `url`: see Catalog.open."""
     location = resolve_catalog(directory, url)
     if catalog_exists(location):
         try:
-            return Catalog.open(directory, url=url)
+            catalog = Catalog.open(directory, url=url)
         except IndexUpgradeNeeded:
             pass
         except IndexNotFoundError:  # its creation was interrupted: finish it, if allowed to
             if not create:
                 raise
+        else:
+            if not create or int(catalog._schema_version() or 0) >= SCHEMA_VERSION:
+                return catalog
+            catalog.close()
     elif not create:
         raise IndexNotFoundError(f"no index at {directory}: build one with 'clipdex index FOLDER'")
     lock_owner = Catalog(location)  # only for its lock: the lock of the catalog to be made

@@ -13,7 +13,8 @@ cascade with their image row.
 Schema 3 added `vectors.generation`, `removals` and the filter indexes on `images`; a schema-2
 catalog is upgraded in place (its rows keep a NULL generation, and `changes_from` is the upgrade's
 generation: a cache stamped before it falls back to a full id diff once), a schema-1 catalog
-(clipdex 0.1) through the same steps.
+(clipdex 0.1) through the same steps. Schema 4 dropped the index on `images.content_hash`
+(readers take a schema-3 catalog as it is; the next indexing run drops it).
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ class ImageRow(Base):
     path: Mapped[str] = mapped_column(FsPath, unique=True)
     size: Mapped[int] = mapped_column(Int64)
     mtime_ns: Mapped[int] = mapped_column(Int64)
-    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    # Not indexed (schema 4): random keys, whose every leaf an add of 10k images at a million
+    # rewrote; the server finds an upload's copies among its neighbours (ImageIndex.ids_with_bytes).
+    content_hash: Mapped[str] = mapped_column(String(64))
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     format: Mapped[str | None] = mapped_column(String(16), index=True)  # filters
@@ -289,6 +292,8 @@ def create_or_upgrade(conn: Connection) -> None:
         conn.exec_driver_sql("DROP INDEX IF EXISTS ix_tags_label")
         conn.exec_driver_sql("ALTER TABLE tags RENAME TO tags_v1")
     Base.metadata.create_all(conn)  # new tables only: existing ones are altered below
+    if old is not None and old < 4:
+        conn.exec_driver_sql("DROP INDEX IF EXISTS ix_images_content_hash")
     if old == 2:  # a column of NULLs: no row is rewritten
         conn.exec_driver_sql("ALTER TABLE vectors ADD COLUMN generation INTEGER")
     elif old == 1:
@@ -308,6 +313,7 @@ def create_or_upgrade(conn: Connection) -> None:
         set_meta(conn, CHANGES_FROM, str(record_commit(conn)))
     elif old < SCHEMA_VERSION:
         set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+    if old is not None and old < 3:
         # Rows written before now carry no generation and no removal was logged: only a cache
         # stamped at this generation or later can catch up from the log. (Building the new
         # indexes reads the tables once: the upgrade's one cost proportional to the index.)

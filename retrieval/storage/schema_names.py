@@ -1,7 +1,10 @@
 """Names the catalog's SQL shares between the SQLAlchemy models (schema.py, used by writers) and
 the raw reads (catalog.py), kept here so that readers need not import SQLAlchemy."""
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+# Schema 4 only dropped the index on images.content_hash, so a schema-3 catalog reads exactly as
+# a schema-4 one: searches open it as it is, and the next writer upgrades it.
+OLDEST_READABLE = 3
 ACTIVE, PENDING = "active", "pending"  # models.state
 # meta key: the change log (vectors.generation, removals) is complete for every generation
 # after this one; catching up from an older stamp needs the full id diff.
