@@ -39,12 +39,6 @@ if TYPE_CHECKING:
 
     from retrieval.embedding.clip_model import ClipModel
 
-# ids_with_bytes: neighbours asked first, and the cosine from which a hit may be a copy. The
-# same bytes embedded by another backend (ONNX, int8, bfloat16) score above 0.99; 0.9 leaves
-# room and still keeps the digest checks to a few rows.
-COPIES_FIRST_K = 16
-COPY_MIN_SCORE = 0.9
-
 
 @dataclass(frozen=True)
 class IndexInfo:
@@ -204,22 +198,6 @@ class ImageIndex:
         self._require_signature()
         return top_hits(self.store, vector, k, allowed_ids=allowed_ids, exclude_ids=exclude_ids)
 
-    def ids_with_bytes(self, vector: np.ndarray, digest: str) -> list[int]:
-        """Ids of the indexed files whose bytes hash to `digest` (sha256 hex, as the indexer
-        records it), given `vector`, the embedding of those bytes. Such a file's stored vector is
-        that same embedding (up to the rounding of the backend that made it), so its copies are
-        among its nearest neighbours, and the digest of each row confirms them. No SQL index on
-        the digests: random keys, so at a million images an add of 10k images rewrote every
-        leaf of it (bench/scale.py)."""
-        k = COPIES_FIRST_K
-        while True:
-            near = [h for h in self.search_vector(vector, k) if h.score >= COPY_MIN_SCORE]
-            records = self.records([h.id for h in near])
-            copies = [h.id for h in near if records[h.id].content_hash == digest]
-            if len(near) < k or k >= self.store.faiss.ntotal:
-                return sorted(copies)
-            k *= 4  # every hit this close: there may be more copies further down
-
     def search_text(self, text: str, k: int = 10) -> list[Hit]:
         return self.search_vector(self.embed_text(text), k)
 
@@ -268,13 +246,21 @@ class ImageIndex:
         within: float | None = None,
         offset: int = 0,
         exclude_ids: Sequence[int] = (),
+        exclude_digests: Sequence[str] = (),
     ) -> list[Hit]:
         """One page of the ranking for a query vector: exact `filters`, score cut-offs, paging,
-        and the images `exclude_ids` left out."""
+        and the images `exclude_ids` left out, and those whose file's sha256 is one of
+        `exclude_digests` (the indexed copies of an uploaded image, say)."""
         # The plan by selectivity (VectorStore.filter_plan): the matching ids, or for an ANN
         # index and a filter matching many images, a check of the search's candidates.
         plan = self.store.filter_plan(filters) if filters is not None and not filters.empty else FilterPlan()
-        cutoffs = Cutoffs(min_score=min_score, within=within, offset=offset, exclude_ids=tuple(exclude_ids))
+        cutoffs = Cutoffs(
+            min_score=min_score,
+            within=within,
+            offset=offset,
+            exclude_ids=tuple(exclude_ids),
+            exclude_digests=tuple(exclude_digests),
+        )
         return search_page(
             self.store,
             vector,

@@ -4,8 +4,7 @@ thread (see worker.py).
 
 Self-exclusion mirrors the local API: an indexed image used as a term is left out of its own
 results, and so is every indexed file with exactly the bytes of an uploaded image (sha256, as
-the indexer records it; found among the upload's nearest neighbours, ImageIndex.ids_with_bytes),
-unless `include_self`.
+the indexer records it; checked on the rows ranked), unless `include_self`.
 """
 
 from __future__ import annotations
@@ -16,11 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from retrieval.core.errors import ImageLoadError
 from retrieval.search.query import Query, Term
-from retrieval.search.query_vectors import query_vector
 from retrieval.storage.records import ImageRecord
 
 from .errors import NotFoundError
@@ -51,30 +47,18 @@ def run_search(index: ImageIndex, spec: SearchSpec) -> list[Hit]:
 
         terms: list[Term] = []
         exclude: set[int] = set()
-        uploads: dict[str, str] = {}  # scratch path -> sha256 of the uploaded bytes
+        digests: set[str] = set()
         for n, spec_term in enumerate(spec.terms):
             term, same = _resolve(index, n, spec_term, scratch_dir)
             terms.append(term)
             exclude.update(same)
-            if spec_term.kind == "upload":
-                assert isinstance(spec_term.value, bytes)
-                uploads[term.value] = hashlib.sha256(spec_term.value).hexdigest()
+            if isinstance(spec_term.value, bytes):  # an upload: its indexed copies, by content
+                digests.add(hashlib.sha256(spec_term.value).hexdigest())
         query = Query(terms, spec.ensemble, spec.templates)
-        embedded: dict[str, np.ndarray] = {}
-
-        def embed_image(path: str) -> np.ndarray:
-            # Once per upload: for the query, and to find the upload's indexed copies.
-            if path not in embedded:
-                embedded[path] = index.embed_image(path)
-            return embedded[path]
-
         try:
-            vector = query_vector(query, index.embed_texts, embed_image)
+            vector = index.embed_query(query)
         except ImageLoadError as exc:
             raise ImageLoadError(f"an image term cannot be read: {exc}") from None
-        if not spec.include_self:
-            for path, digest in uploads.items():
-                exclude.update(index.ids_with_bytes(embedded[path], digest))
     return index.rank(
         vector,
         spec.k,
@@ -83,6 +67,7 @@ def run_search(index: ImageIndex, spec: SearchSpec) -> list[Hit]:
         within=spec.within,
         offset=spec.offset,
         exclude_ids=() if spec.include_self else sorted(exclude),
+        exclude_digests=() if spec.include_self else sorted(digests),
     )
 
 
@@ -99,4 +84,4 @@ def _resolve(index: ImageIndex, n: int, spec: TermSpec, scratch_dir) -> tuple[Te
     assert isinstance(spec.value, bytes)
     path = scratch_dir() / f"upload-{n}"
     path.write_bytes(spec.value)
-    return Term("image", str(path), spec.weight), []  # its indexed copies: found once embedded
+    return Term("image", str(path), spec.weight), []

@@ -318,16 +318,19 @@ def test_paths_with_user_home_and_relative_images(corpus, idx, tiny_clip_model, 
     assert_ranking(hits, expected_scores(corpus, q, exclude=[corpus["by_path"][str(corpus["pngs"][1])]]), 5)
 
 
-@pytest.mark.parametrize("first_k", [16, 1])  # 1: the search widens while every hit is near
-def test_ids_with_bytes_are_the_indexed_copies_of_those_bytes(corpus, idx, monkeypatch, first_k):
-    monkeypatch.setattr("retrieval.index.COPIES_FIRST_K", first_k)
+def test_rank_leaves_out_the_files_with_an_excluded_digest_wherever_they_rank(corpus, idx):
+    """By the sha256 each row records, not by vectors: the copies go whether they would rank
+    first or last, a short page is filled from further down, and pages add up to the list."""
     original = corpus["pngs"][0]
     copy = corpus["photos"] / "dups" / "copy_of_scene000.png"  # byte-identical
-    assert copy.read_bytes() == original.read_bytes()
     digest = hashlib.sha256(original.read_bytes()).hexdigest()
-    vector = idx.embed_image(original)
-    want = sorted({corpus["by_path"][str(original)], corpus["by_path"][str(copy)]})
-    assert idx.ids_with_bytes(vector, digest) == want
-    assert idx.ids_with_bytes(vector, "0" * 64) == []  # near, but other bytes
-    other = corpus["webps"][0]
-    assert idx.ids_with_bytes(idx.embed_image(other), digest) == []  # the digest, but far away
+    copies = {corpus["by_path"][str(original)], corpus["by_path"][str(copy)]}
+    n = len(corpus["ids"])
+    near = idx.embed_image(original)
+    assert {h.id for h in idx.rank(near, 2)} == copies  # its top two when not excluded
+    for vector in (near, -near, idx.embed_image(corpus["webps"][0])):
+        every = [h.id for h in idx.rank(vector, n)]
+        kept = idx.rank(vector, n, exclude_digests=[digest])
+        assert [h.id for h in kept] == [i for i in every if i not in copies]
+        assert [h.id for h in idx.rank(vector, 3, exclude_digests=[digest])] == [h.id for h in kept[:3]]
+        assert idx.rank(vector, 3, offset=4, exclude_digests=[digest]) == kept[4:7]

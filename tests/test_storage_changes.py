@@ -386,30 +386,33 @@ def image_indexes(index_dir: Path) -> set[str]:
 
 
 @pytest.mark.filterwarnings("ignore:Skipped unsupported reflection")  # the date index: an expression
-def test_a_schema_3_catalog_is_searched_as_is_and_its_digest_index_dropped_by_the_next_writer(base):
+def test_the_retired_digest_index_is_read_past_and_dropped_by_the_next_writer(base):
     catalog = Catalog.open(base)
     try:
-        with catalog._write() as conn:  # as schema 3 left it
+        with catalog._write() as conn:  # as clipdex before it was retired left every catalog
             conn.execute(text("CREATE INDEX ix_images_content_hash ON images (content_hash)"))
-            conn.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
+        generation = catalog.state().generation
     finally:
         catalog.close()
-    assert "ix_images_content_hash" in image_indexes(base)
     ids, vectors = catalog_view(base)
-    catalog = open_catalog(base, create=False)  # a search: reads it, upgrades nothing
+    catalog = open_catalog(base, create=False)  # a search: reads past it, changes nothing
     try:
-        assert catalog.get_meta("schema_version") == "3"
+        assert catalog.has_index("ix_images_content_hash")
+        assert catalog.state().generation == generation
         changes_from = catalog.get_meta(CHANGES_FROM)
     finally:
         catalog.close()
+    assert "ix_images_content_hash" in image_indexes(base)
     write(base, added=2, seed=12)  # an indexing run (open_catalog with create)
+    assert "ix_images_content_hash" not in image_indexes(base)
+    assert "ix_images_format" in image_indexes(base)  # the others stay
     catalog = Catalog.open(base)
     try:
-        assert catalog.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
+        assert not catalog.has_index("ix_images_content_hash")
+        assert catalog.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"  # older clipdex opens it
         assert catalog.get_meta(CHANGES_FROM) == changes_from  # the log still covers every cache
     finally:
         catalog.close()
-    assert "ix_images_content_hash" not in image_indexes(base)
     after_ids, after_vectors = catalog_view(base)
     assert np.array_equal(after_ids[: len(ids)], ids) and np.array_equal(after_vectors[: len(ids)], vectors)
 
@@ -488,7 +491,7 @@ def test_meta_records_the_change_log_start_for_new_catalogs(tmp_path):
     catalog = Catalog.open(index_dir, create=True)
     try:
         assert catalog.get_meta(CHANGES_FROM) == str(catalog.state().generation)
-        assert json.loads(json.dumps(catalog.get_meta("schema_version"))) == "4"
+        assert json.loads(json.dumps(catalog.get_meta("schema_version"))) == "3"
     finally:
         catalog.close()
 

@@ -3,7 +3,7 @@ flat or approximate), checked against the catalog, cut and paged."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,10 +22,13 @@ def top_hits(
     *,
     allowed_ids: np.ndarray | None = None,
     exclude_ids: Sequence[int] = (),
+    exclude_digests: Collection[str] = (),
     candidate_filter: CandidateFilter | None = None,
 ) -> list[Hit]:
     """Top-k images by cosine similarity to `vector` (normalised here), ties broken by id;
-    restricted to `allowed_ids`, or to the matches of `candidate_filter` (VectorStore.filter_plan)."""
+    restricted to `allowed_ids`, or to the matches of `candidate_filter` (VectorStore.filter_plan).
+    Left out: `exclude_ids`, and the files whose recorded sha256 is one of `exclude_digests`
+    (checked on the rows ranked, whatever their vectors: no index of the digests needed)."""
     if k <= 0:
         return []
     dim = store.dim
@@ -38,6 +41,7 @@ def top_hits(
     q = q / norm
     ntotal = store.faiss.ntotal
     excluded = set(exclude_ids)
+    digests = frozenset(exclude_digests)
     want = k + len(excluded)
     while True:
         # Exact cosines in both modes: an ANN index's candidates are re-scored from the catalog.
@@ -45,7 +49,7 @@ def top_hits(
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in excluded]
         records = store.catalog.records([i for _, i in pairs])
         # Never trust a FAISS id without its catalog row (deleted since this reader loaded).
-        kept = [(s, i) for s, i in pairs if i in records]
+        kept = [(s, i) for s, i in pairs if i in records and records[i].content_hash not in digests]
         exhausted = len(ids[0]) < want or ids[0][-1] < 0 or want >= ntotal
         if len(kept) >= k or exhausted:
             break
@@ -72,6 +76,7 @@ class Cutoffs:
     within: float | None = None
     offset: int = 0
     exclude_ids: tuple[int, ...] = field(default_factory=tuple)
+    exclude_digests: tuple[str, ...] = field(default_factory=tuple)  # sha256 of files to leave out
 
     def __post_init__(self) -> None:
         if self.offset < 0:
@@ -105,6 +110,7 @@ def search_page(
             want,
             allowed_ids=allowed_ids,
             exclude_ids=cutoffs.exclude_ids,
+            exclude_digests=cutoffs.exclude_digests,
             candidate_filter=candidate_filter,
         )
         if len(hits) < want or hits[-1].score < hits[end - 1].score:

@@ -53,8 +53,8 @@ from .records import FailureRecord, ImageRecord, Move, NewImage
 from .schema_names import (
     ACTIVE,
     CHANGES_FROM,
-    OLDEST_READABLE,
     PENDING,
+    RETIRED_INDEXES,
     SCHEMA_VERSION,
     TAKEN_OR_CHANGED,
     parse_changes_from,
@@ -190,8 +190,8 @@ class Catalog:
 
         An index exists once its schema version is committed, not once the file exists: SQLite
         creates the file at the first connection, and a process killed before the tables were
-        committed must not leave a catalog that no later run can open. Without `create`, a schema
-        older than OLDEST_READABLE raises IndexUpgradeNeeded: only a writer may upgrade it.
+        committed must not leave a catalog that no later run can open. Without `create`, an
+        older schema raises IndexUpgradeNeeded: only a writer may upgrade it.
         """
         location = resolve_catalog(index_dir, url)
         if not create:
@@ -215,7 +215,7 @@ class Catalog:
                 f"index {index_dir} has schema version {version}; this clipdex reads up to "
                 f"{SCHEMA_VERSION}: upgrade clipdex"
             )
-        if version < OLDEST_READABLE:
+        if version < SCHEMA_VERSION:
             catalog.close()
             raise IndexUpgradeNeeded(
                 f"index {index_dir} has schema version {version}: open it for writing once to upgrade it"
@@ -259,6 +259,9 @@ class Catalog:
         if self.location.is_postgres:
             return PostgresWriterLock(self.location, held=self._locks_held)
         return WriterLock(self.location.directory)
+
+    def has_index(self, name: str) -> bool:
+        return self._one(self.dialect.index_exists, (name,)) is not None
 
     def _schema_version(self) -> str | None:
         has_meta = self._one(self.dialect.table_exists, ("meta",))
@@ -677,8 +680,8 @@ class Catalog:
 
 def open_catalog(directory: Path, *, create: bool, url: str | None = None) -> Catalog:
     """Open (with `create`: or make) the catalog; a catalog of an older clipdex is upgraded
-    first, under the writer lock: by whoever opens it if searches cannot read it, else by the
-    next writer that may create an index (`create`). `url`: see Catalog.open."""
+    first, under the writer lock, whoever opens it, and with `create` (a writer that may make
+    the index) its RETIRED_INDEXES are dropped. `url`: see Catalog.open."""
     location = resolve_catalog(directory, url)
     if catalog_exists(location):
         try:
@@ -689,7 +692,7 @@ def open_catalog(directory: Path, *, create: bool, url: str | None = None) -> Ca
             if not create:
                 raise
         else:
-            if not create or int(catalog._schema_version() or 0) >= SCHEMA_VERSION:
+            if not create or not any(catalog.has_index(name) for name in RETIRED_INDEXES):
                 return catalog
             catalog.close()
     elif not create:

@@ -13,8 +13,9 @@ cascade with their image row.
 Schema 3 added `vectors.generation`, `removals` and the filter indexes on `images`; a schema-2
 catalog is upgraded in place (its rows keep a NULL generation, and `changes_from` is the upgrade's
 generation: a cache stamped before it falls back to a full id diff once), a schema-1 catalog
-(clipdex 0.1) through the same steps. Schema 4 dropped the index on `images.content_hash`
-(readers take a schema-3 catalog as it is; the next indexing run drops it).
+(clipdex 0.1) through the same steps. RETIRED_INDEXES are dropped by the next writer that may
+create an index (open_catalog) without a change of schema version: only writes depended on
+them, so a catalog with or without them opens in any clipdex of schema 3.
 """
 
 from __future__ import annotations
@@ -43,10 +44,18 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from .schema_names import ACTIVE, CHANGES_FROM, PENDING, SCHEMA_VERSION, TAKEN_OR_CHANGED, parse_changes_from
+from .schema_names import (
+    ACTIVE,
+    CHANGES_FROM,
+    PENDING,
+    RETIRED_INDEXES,
+    SCHEMA_VERSION,
+    TAKEN_OR_CHANGED,
+    parse_changes_from,
+)
 from .sql_dialects import DIALECTS
 
-__all__ = ["ACTIVE", "CHANGES_FROM", "PENDING", "SCHEMA_VERSION", "TAKEN_OR_CHANGED"]
+__all__ = ["ACTIVE", "CHANGES_FROM", "PENDING", "RETIRED_INDEXES", "SCHEMA_VERSION", "TAKEN_OR_CHANGED"]
 
 # 64-bit integers: nanosecond mtimes, sizes over 2 GB and ids past 2^31 need them in PostgreSQL.
 # SQLite keeps its INTEGER (already 64-bit), which AUTOINCREMENT and rowid aliasing require.
@@ -81,9 +90,7 @@ class ImageRow(Base):
     path: Mapped[str] = mapped_column(FsPath, unique=True)
     size: Mapped[int] = mapped_column(Int64)
     mtime_ns: Mapped[int] = mapped_column(Int64)
-    # Not indexed (schema 4): random keys, whose every leaf an add of 10k images at a million
-    # rewrote; the server finds an upload's copies among its neighbours (ImageIndex.ids_with_bytes).
-    content_hash: Mapped[str] = mapped_column(String(64))
+    content_hash: Mapped[str] = mapped_column(String(64))  # not indexed: see RETIRED_INDEXES
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     format: Mapped[str | None] = mapped_column(String(16), index=True)  # filters
@@ -283,8 +290,8 @@ def _index_names(conn: Connection) -> set[str]:
 
 def create_or_upgrade(conn: Connection) -> None:
     """Inside one write transaction: make a new catalog, add tables a later clipdex introduced,
-    or upgrade a schema-2 catalog, or a schema-1 one (clipdex 0.1), to this schema (SQLite
-    only: PostgreSQL catalogs began at schema 3)."""
+    drop RETIRED_INDEXES, or upgrade a schema-2 catalog, or a schema-1 one (clipdex 0.1), to this
+    schema (SQLite only: PostgreSQL catalogs began at schema 3)."""
     version = read_schema_version(conn)
     old = int(version) if version is not None else None
     if old == 1 and _table_exists(conn, "tags"):
@@ -292,8 +299,8 @@ def create_or_upgrade(conn: Connection) -> None:
         conn.exec_driver_sql("DROP INDEX IF EXISTS ix_tags_label")
         conn.exec_driver_sql("ALTER TABLE tags RENAME TO tags_v1")
     Base.metadata.create_all(conn)  # new tables only: existing ones are altered below
-    if old is not None and old < 4:
-        conn.exec_driver_sql("DROP INDEX IF EXISTS ix_images_content_hash")
+    for name in RETIRED_INDEXES:
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
     if old == 2:  # a column of NULLs: no row is rewritten
         conn.exec_driver_sql("ALTER TABLE vectors ADD COLUMN generation INTEGER")
     elif old == 1:
@@ -313,7 +320,6 @@ def create_or_upgrade(conn: Connection) -> None:
         set_meta(conn, CHANGES_FROM, str(record_commit(conn)))
     elif old < SCHEMA_VERSION:
         set_meta(conn, "schema_version", str(SCHEMA_VERSION))
-    if old is not None and old < 3:
         # Rows written before now carry no generation and no removal was logged: only a cache
         # stamped at this generation or later can catch up from the log. (Building the new
         # indexes reads the tables once: the upgrade's one cost proportional to the index.)

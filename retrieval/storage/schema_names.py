@@ -1,11 +1,15 @@
 """Names the catalog's SQL shares between the SQLAlchemy models (schema.py, used by writers) and
 the raw reads (catalog.py), kept here so that readers need not import SQLAlchemy."""
 
-SCHEMA_VERSION = 4
-# Schema 4 only dropped the index on images.content_hash, so a schema-3 catalog reads exactly as
-# a schema-4 one: searches open it as it is, and the next writer upgrades it.
-OLDEST_READABLE = 3
+SCHEMA_VERSION = 3
 ACTIVE, PENDING = "active", "pending"  # models.state
+
+# Indexes an older clipdex made and this one drops. ix_images_content_hash: random sha256 keys,
+# so an add of 10k images at a million rewrote every leaf of it (bench/scale.py: 231 MB written
+# with it, 51 MB without); searches leave an upload's copies out by the digests of the rows
+# they rank (retrieval.search.ranking), which needs no index.
+RETIRED_INDEXES = ("ix_images_content_hash",)
+
 # meta key: the change log (vectors.generation, removals) is complete for every generation
 # after this one; catching up from an older stamp needs the full id diff.
 CHANGES_FROM = "changes_from"

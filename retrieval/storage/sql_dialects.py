@@ -39,6 +39,8 @@ class Dialect:
     joined_ids: str
     # One row when the table named by the parameter exists (in the schema searched first).
     table_exists: str
+    # The same for an index.
+    index_exists: str
     # A column followed by this matches a whole list of ids given as one array parameter; None:
     # the ids go as marks, in chunks within SQLite's parameter limit.
     id_array: str | None
@@ -55,6 +57,7 @@ SQLITE = Dialect(
     no_limit=-1,
     json_ids="SELECT value FROM json_each(?)",
     table_exists="SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+    index_exists="SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?",
     joined_ids="SELECT group_concat(id, ' ') FROM ({q})",
     id_array=None,
 )
@@ -66,6 +69,7 @@ POSTGRESQL = Dialect(
     no_limit=None,
     json_ids="SELECT value::bigint FROM json_array_elements_text(?::json)",
     table_exists="SELECT 1 WHERE to_regclass(?) IS NOT NULL",
+    index_exists="SELECT 1 WHERE to_regclass(?) IS NOT NULL",  # an index is a relation too
     joined_ids="SELECT string_agg(id::text, ' ') FROM ({q}) AS listed",
     # psycopg parses a statement of 100 marks for ~1 ms: 3x the lookup (bench/catalog_ops.py).
     id_array="= ANY(?::bigint[])",
