@@ -81,6 +81,15 @@ def index(
     ] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding threads (0: automatic).")] = 0,
+    commit_every: Annotated[
+        int,
+        typer.Option(
+            "--commit-every",
+            min=1,
+            help="Commit once this many files are done (and every 10 s): fewer writes, more "
+            "re-embedded after a kill.",
+        ),
+    ] = 512,  # IndexOptions.commit_every (not imported here: the indexer loads only to index)
     reindex: Annotated[
         bool,
         typer.Option(
@@ -147,6 +156,7 @@ def index(
         catalog=catalog,
         batch_size=batch_size,
         decode_workers=workers,
+        commit_every=commit_every,
         decode_timeout=timeout,
         decode=DecodeOptions(max_pixels=max_pixels, full_decode=full_decode),
         reindex=reindex,

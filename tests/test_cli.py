@@ -278,3 +278,12 @@ def test_quickstart_with_a_folder_indexes_it_into_the_default_index(tmp_path):
 def test_quickstart_with_a_folder_but_no_query_prints_its_usage(tmp_path):
     run = quickstart([str(tmp_path)], tmp_path)
     assert run.returncode == 2 and run.stderr.startswith("usage:"), run.stderr
+
+
+def test_index_commits_as_the_library_does_by_default():
+    import inspect
+
+    from cli.main import index
+    from indexer import IndexOptions
+
+    assert inspect.signature(index).parameters["commit_every"].default == IndexOptions.commit_every

@@ -33,7 +33,7 @@ WRITER = f"""
 import sys
 from indexer import IndexOptions, index_folders
 from retrieval.embedding.spec import ModelSpec
-options = IndexOptions(batch_size=4, decode_workers=1, save_after_changes=0)
+options = IndexOptions(batch_size=4, decode_workers=1, save_after_changes=0, commit_every=4)
 summary = index_folders([sys.argv[1]], sys.argv[2], ModelSpec("{TINY_ARCH}", "random", device="cpu"), options)
 print("added", summary.added)
 """

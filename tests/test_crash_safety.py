@@ -52,8 +52,8 @@ from retrieval.storage.verify import verify_index
 
 _SCRIPT = Path(sys.executable).with_name("clipdex")
 CLIPDEX = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cli.main"]
-# Saves as often as possible, so that kills land in and around them.
-CHILD_OPTIONS = IndexOptions(batch_size=4, decode_workers=1, save_after_changes=0)
+# Commits and saves as often as possible, so that kills land in and around them.
+CHILD_OPTIONS = IndexOptions(batch_size=4, decode_workers=1, save_after_changes=0, commit_every=4)
 MIN_KILLS = 20
 # What `verify` may report between a crash and the resume: the FAISS cache lagging behind.
 LAG_PROBLEMS = ("FAISS and catalog differ: ", f"{FAISS_FILE} is missing or unreadable")
@@ -390,7 +390,7 @@ def test_ctrl_c_commits_the_batch_in_flight_and_the_next_run_does_the_rest(tmp_p
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
     args = ["index", str(photos), "--index", str(index_dir), "-m", TINY_ARCH, "-p", "random"]
     proc = subprocess.Popen(
-        CLIPDEX + args + ["--device", "cpu", "-b", "4", "--workers", "1"],
+        CLIPDEX + args + ["--device", "cpu", "-b", "4", "--workers", "1", "--commit-every", "4"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -432,7 +432,7 @@ def test_a_second_ctrl_c_stops_at_once_and_loses_nothing(tmp_path, tiny_clip_mod
     write_scenes(photos, total)
     out_file, err_file = tmp_path / "stdout", tmp_path / "stderr"
     argv = ["clipdex", "index", str(photos), "--index", str(index_dir), "-m", TINY_ARCH, "-p", "random"]
-    argv += ["--device", "cpu", "-b", "4", "--workers", "1"]
+    argv += ["--device", "cpu", "-b", "4", "--workers", "1", "--commit-every", "4"]
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -514,7 +514,8 @@ def test_a_failed_faiss_write_is_a_clear_error_and_costs_nothing(tmp_path, tiny_
 
     monkeypatch.setattr(vectors_mod, "os", OsWithHooks(replace=replace))
     with pytest.raises(IndexWriteError) as caught:
-        index_folders([photos], index_dir, tiny_clip_model, IndexOptions(batch_size=4, save_after_changes=0))
+        options = IndexOptions(batch_size=4, save_after_changes=0, commit_every=4)
+        index_folders([photos], index_dir, tiny_clip_model, options)
     monkeypatch.undo()
     message = str(caught.value)
     assert str(index_dir / FAISS_FILE) in message and "No space left on device" in message, message

@@ -20,6 +20,7 @@ import indexer.decode as decode_mod
 from indexer import IndexOptions, index_folders
 from indexer.pipeline import DecodePool
 from retrieval.index import ImageIndex
+from retrieval.storage.catalog import Catalog
 from retrieval.storage.writer import IndexWriter
 
 
@@ -210,7 +211,7 @@ def test_a_run_of_touched_files_commits_and_reports_as_it_goes(touched_folder, t
     photos, index_dir, paths = touched_folder
     commits = count_commits(monkeypatch)
     reports: list[tuple[int, int]] = []
-    options = IndexOptions(batch_size=2)
+    options = IndexOptions(batch_size=2, commit_every=2)
     summary = index_folders(
         [photos], index_dir, tiny_clip_model, options, progress=lambda d, t: reports.append((d, t))
     )
@@ -221,6 +222,68 @@ def test_a_run_of_touched_files_commits_and_reports_as_it_goes(touched_folder, t
     assert done == sorted(done) and done[-1] == 7
     assert all(t == 7 and 0 <= d <= t for d, t in reports)
     assert disk_matches_catalog(index_dir, paths)
+
+
+def added_per_commit(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Images added by each commit of the writer from now on."""
+    calls: list[int] = []
+    real_commit = IndexWriter.commit
+
+    def commit(self, *args, **kw):  # type: ignore[no-untyped-def]
+        calls.append(len(kw.get("added", ())))
+        return real_commit(self, *args, **kw)
+
+    monkeypatch.setattr(IndexWriter, "commit", commit)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("commit_every", "commit_seconds", "expected"),
+    [
+        (6, 3600.0, [6, 6, 6, 2]),  # whole model batches of 2, a commit once 6 wait, the rest at the end
+        (10**6, 3600.0, [20]),  # one commit at the end
+        (10**6, 0.0, [2] * 10),  # the time rule: every batch, here
+    ],
+)
+def test_embedded_batches_are_committed_together(
+    tmp_path, tiny_clip_model, monkeypatch, commit_every, commit_seconds, expected
+):
+    """Fewer, larger commits (each rewrites the last page of every B-tree it appends to), by
+    count or by time, and whole model batches only; progress still comes with every batch."""
+    photos = tmp_path / "photos"
+    write_scenes(photos, 20)
+    commits = added_per_commit(monkeypatch)
+    reports: list[int] = []
+    options = IndexOptions(
+        batch_size=2, decode_workers=1, commit_every=commit_every, commit_seconds=commit_seconds
+    )
+    summary = index_folders(
+        [photos], tmp_path / "index", tiny_clip_model, options, progress=lambda d, t: reports.append(d)
+    )
+    assert summary.added == 20 and commits == expected
+    assert reports[:3] == [2, 4, 6] and reports[-1] == 20
+
+
+def test_a_stop_commits_the_batches_that_wait(tmp_path, tiny_clip_model, monkeypatch):
+    photos = tmp_path / "photos"
+    write_scenes(photos, 20)
+    commits = added_per_commit(monkeypatch)
+    stop = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done >= 6:
+            stop.set()
+
+    options = IndexOptions(batch_size=2, decode_workers=1, commit_every=10**6, commit_seconds=3600.0)
+    summary = index_folders(
+        [photos], tmp_path / "index", tiny_clip_model, options, progress=progress, stop=stop
+    )
+    assert summary.interrupted and commits == [6] and summary.added == 6
+    catalog = Catalog.open(tmp_path / "index")
+    try:
+        assert catalog.count() == 6
+    finally:
+        catalog.close()
 
 
 def test_a_run_of_touched_files_stops_when_asked_and_the_next_run_finishes(touched_folder, tiny_clip_model):

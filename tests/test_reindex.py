@@ -24,7 +24,7 @@ from retrieval.storage.verify import verify_index
 # Every index run here once with its catalog in SQLite, once in PostgreSQL (conftest).
 pytestmark = pytest.mark.usefixtures("catalog_backend")
 
-REINDEX = IndexOptions(reindex=True, batch_size=2, decode_workers=1)
+REINDEX = IndexOptions(reindex=True, batch_size=2, decode_workers=1, commit_every=2)
 
 
 def own_vectors(model, paths) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
