@@ -194,13 +194,13 @@ def touched_folder(tmp_path, tiny_clip_model) -> tuple[Path, Path, list[Path]]:
     return photos, index_dir, paths
 
 
-def count_commits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Files touched in each commit of the writer from now on."""
+def count_commits(monkeypatch: pytest.MonkeyPatch, kind: str = "touched") -> list[int]:
+    """Files of `kind` (an IndexWriter.commit argument) in each commit of the writer from now on."""
     calls: list[int] = []
     real_commit = IndexWriter.commit
 
     def commit(self, *args, **kw):  # type: ignore[no-untyped-def]
-        calls.append(len(kw.get("touched", ())))
+        calls.append(len(kw.get(kind, ())))
         return real_commit(self, *args, **kw)
 
     monkeypatch.setattr(IndexWriter, "commit", commit)
@@ -224,19 +224,6 @@ def test_a_run_of_touched_files_commits_and_reports_as_it_goes(touched_folder, t
     assert disk_matches_catalog(index_dir, paths)
 
 
-def added_per_commit(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Images added by each commit of the writer from now on."""
-    calls: list[int] = []
-    real_commit = IndexWriter.commit
-
-    def commit(self, *args, **kw):  # type: ignore[no-untyped-def]
-        calls.append(len(kw.get("added", ())))
-        return real_commit(self, *args, **kw)
-
-    monkeypatch.setattr(IndexWriter, "commit", commit)
-    return calls
-
-
 @pytest.mark.parametrize(
     ("commit_every", "commit_seconds", "expected"),
     [
@@ -252,7 +239,7 @@ def test_embedded_batches_are_committed_together(
     count or by time, and whole model batches only; progress still comes with every batch."""
     photos = tmp_path / "photos"
     write_scenes(photos, 20)
-    commits = added_per_commit(monkeypatch)
+    commits = count_commits(monkeypatch, "added")
     reports: list[int] = []
     options = IndexOptions(
         batch_size=2, decode_workers=1, commit_every=commit_every, commit_seconds=commit_seconds
@@ -267,7 +254,7 @@ def test_embedded_batches_are_committed_together(
 def test_a_stop_commits_the_batches_that_wait(tmp_path, tiny_clip_model, monkeypatch):
     photos = tmp_path / "photos"
     write_scenes(photos, 20)
-    commits = added_per_commit(monkeypatch)
+    commits = count_commits(monkeypatch, "added")
     stop = threading.Event()
 
     def progress(done: int, total: int) -> None:
