@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +77,16 @@ def make_new_photos(folder: Path, n: int, seed: int = 0) -> None:
     done.write_text("")
 
 
-def run_index(workdir: Path, folder: Path, index_dir: Path, pretrained: str) -> dict:
-    """`clipdex index FOLDER` in a child: wall time, its JSON summary, /proc/<pid>/io at exit."""
+def run_index(
+    workdir: Path, folder: Path, index_dir: Path, pretrained: str, extra: Sequence[str] = ()
+) -> dict:
+    """`clipdex index FOLDER [extra...]` in a child: wall time, its JSON summary, /proc/<pid>/io
+    at exit."""
     io_file = workdir / f".io-{os.getpid()}-{time.monotonic_ns()}"
     cmd = [
         sys.executable, str(Path(__file__).with_name("scale.py")), "--io-wrap", str(io_file), "--",
         "index", str(folder), "--index", str(index_dir), "--model", "ViT-B-32",
-        "--pretrained", pretrained, "--json",
+        "--pretrained", pretrained, "--json", *extra,
     ]  # fmt: skip
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(workdir), cwd=ROOT)
@@ -110,13 +114,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1_000_000)
     ap.add_argument("--new", type=int, default=10_000)
     ap.add_argument("--pretrained", help="ViT-B-32 checkpoint (default: scale.py's seeded random one)")
+    ap.add_argument(
+        "--commit-every", type=int, help="passed to clipdex index (32: a commit per model batch, as before)"
+    )
     args = ap.parse_args()
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     pretrained = args.pretrained or make_checkpoint(workdir)
     library = workdir / f"library-{args.images}"
     make_library(library, args.images)
-    new = library / "new"
+    new = library / f"new-{args.new}"  # by count: a rerun with another --new makes its own
     make_new_photos(new, args.new)
     warm = workdir / "warm-up-photos"
     make_new_photos(warm, 8, seed=1)
@@ -129,7 +136,8 @@ def main() -> None:
         report["import"] = run_import(workdir, source, index_dir, pretrained)
         (index_dir / ".complete").write_text(json.dumps(report["import"]))
     with index_copy(index_dir) as copy:
-        report["index_new"] = run_index(workdir, library, copy, pretrained)
+        extra = [] if args.commit_every is None else ["--commit-every", str(args.commit_every)]
+        report["index_new"] = run_index(workdir, library, copy, pretrained, extra)
     print(json.dumps(report, indent=2))
 
 

@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +104,8 @@ def index_folders(
     """Bring the index at `index_dir` in line with the image files under `roots`.
 
     Incremental: unchanged files are skipped, moved files keep their vectors, deleted files
-    leave the index. `stop` ends the run after the batch in flight has been committed.
+    leave the index. `stop` ends the run after the batch in flight has been committed (with
+    those waiting for their commit: IndexOptions.commit_every).
     `runner` decodes and embeds (indexer.stages): this process's threads by default,
     indexer.ray_runner.RayRunner for a Ray cluster; the commits are this function's either way.
     """
@@ -220,13 +221,15 @@ def _embed(
     # opts.commit_seconds says, and before a stop.
     since_check, last_check = 0, time.monotonic()
     last_commit = last_check
+    committing = False
 
     def waiting() -> int:
         return len(embedded) + len(touched) + len(stale) + len(failed)
 
     def commit() -> None:
         """Commit the embedded batches and the other files' outcomes that wait."""
-        nonlocal last_commit
+        nonlocal last_commit, committing
+        committing = True
         if waiting():
             added: list[NewImage] = []
             replaced: list[int] = list(stale)
@@ -250,7 +253,7 @@ def _embed(
             touched.clear()
             stale.clear()
             failed.clear()
-        last_commit = time.monotonic()
+        last_commit, committing = time.monotonic(), False
 
     def note(result: SameContent | DecodeFailure) -> None:
         """A file that reached no model: pending until the next commit."""
@@ -288,8 +291,10 @@ def _embed(
                     note(output)
                     if since_check < opts.batch_size and time.monotonic() - last_check < CHECK_SECONDS:
                         continue
-                since_check, last_check = 0, time.monotonic()
-                if waiting() >= opts.commit_every or last_check - last_commit >= opts.commit_seconds:
+                now = time.monotonic()
+                # The next chance to commit comes a batch from now: commit now if it would be late.
+                interval, since_check, last_check = now - last_check, 0, now
+                if waiting() >= opts.commit_every or now - last_commit + interval >= opts.commit_seconds:
                     commit()
                 if progress:
                     progress(handled, total)
@@ -302,6 +307,14 @@ def _embed(
         commit()
         if progress:
             progress(handled, total)
+    except BaseException:
+        # The runner failed (out of memory, a lost Ray worker) or a second Ctrl-C came: what was
+        # embedded is kept, as a commit per batch kept it. Not when the commit itself failed; a
+        # failure of this one leaves the work to the next run and the first error stands.
+        if not committing:
+            with suppress(Exception):
+                commit()
+        raise
     finally:
         summary.decode_seconds = times.decode_seconds
         summary.model_seconds += times.model_seconds

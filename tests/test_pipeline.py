@@ -139,6 +139,34 @@ def test_index_folders_failing_midway_leaves_no_thread_behind(tmp_path, tiny_cli
     assert clipdex_threads() - before == set()
 
 
+def test_a_failure_mid_run_keeps_the_batches_embedded_before_it(tmp_path, tiny_clip_model, monkeypatch):
+    """Batches wait to be committed together; an error (out of memory, a lost worker) must not
+    take the finished ones with it."""
+    photos = tmp_path / "photos"
+    write_scenes(photos, 20)
+    real = tiny_clip_model.encode_images
+    calls = [0]
+
+    def encode_images(pixels):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 4:
+            raise Bail
+        return real(pixels)
+
+    monkeypatch.setattr(tiny_clip_model, "encode_images", encode_images)
+    options = IndexOptions(batch_size=2, decode_workers=1, commit_every=10**6, commit_seconds=3600.0)
+    with pytest.raises(Bail):
+        index_folders([photos], tmp_path / "index", tiny_clip_model, options)
+    monkeypatch.undo()
+    catalog = Catalog.open(tmp_path / "index")
+    try:
+        assert catalog.count() == 6
+    finally:
+        catalog.close()
+    again = index_folders([photos], tmp_path / "index", tiny_clip_model, options)
+    assert (again.added, again.unchanged) == (14, 6)
+
+
 def test_index_folders_with_a_decode_timeout_leaves_only_the_stuck_thread(
     tmp_path, tiny_clip_model, monkeypatch
 ):
