@@ -23,7 +23,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from scale import import_child, index_copy, run_cli
+from scale import cli_child, import_args, index_copy, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 _WAL_HEADER, _FRAME_HEADER = 32, 24
@@ -93,9 +93,8 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with index_copy(args.index) as copy, tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "catalog.wal"
-        _, summary = import_child(
-            Path(__file__), ["--keep-log", str(log)], args.source, copy, args.pretrained, env
-        )
+        args_ = import_args(args.source, copy, args.pretrained)
+        _, summary = cli_child(Path(__file__), ["--keep-log", str(log)], args_, env)
         page_size, pages = logged_pages(log)
         report = {
             "added": summary["added"],

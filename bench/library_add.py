@@ -21,18 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from scale import (
     Structured,
-    child_env,
+    index_args,
     index_copy,
     make_checkpoint,
+    measured_cli,
     row_path,
     row_taken_at,
     run_import,
@@ -80,22 +78,11 @@ def make_new_photos(folder: Path, n: int, seed: int = 0) -> None:
 def run_index(
     workdir: Path, folder: Path, index_dir: Path, pretrained: str, extra: Sequence[str] = ()
 ) -> dict:
-    """`clipdex index FOLDER [extra...]` in a child: wall time, its JSON summary, /proc/<pid>/io
-    at exit."""
-    io_file = workdir / f".io-{os.getpid()}-{time.monotonic_ns()}"
-    cmd = [
-        sys.executable, str(Path(__file__).with_name("scale.py")), "--io-wrap", str(io_file), "--",
-        "index", str(folder), "--index", str(index_dir), "--model", "ViT-B-32",
-        "--pretrained", pretrained, "--json", *extra,
-    ]  # fmt: skip
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(workdir), cwd=ROOT)
-    wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"clipdex index failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    io = dict(line.split(": ") for line in io_file.read_text().splitlines())
-    io_file.unlink()
-    summary = json.loads(done.stdout)
+    """`clipdex index FOLDER [extra...]` in a child (scale.measured_cli): wall time, its summary,
+    the bytes it wrote."""
+    wall, summary, io = measured_cli(
+        workdir, ["index", str(folder), *index_args(index_dir, pretrained), *extra]
+    )
     return {
         "wall_s": round(wall, 1),
         "seconds": round(summary["seconds"], 1),
@@ -103,8 +90,7 @@ def run_index(
         "beyond_embedding_s": round(summary["seconds"] - summary["embed_seconds"], 1),
         "added": summary["added"],
         "unchanged": summary["unchanged"],
-        "write_bytes": int(io["write_bytes"]),
-        "wchar": int(io["wchar"]),
+        **io,
     }
 
 

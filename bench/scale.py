@@ -181,37 +181,42 @@ def child_env(workdir: Path) -> dict[str, str]:
 
 def run_import(workdir: Path, source: Path, index_dir: Path, pretrained: str) -> dict[str, Any]:
     """`clipdex import` in a child; its wall time, summary and /proc/<pid>/io at exit."""
+    wall, summary, io = measured_cli(workdir, import_args(source, index_dir, pretrained))
+    return {"seconds": round(wall, 2), "added": summary["added"], **io, "optimized": summary.get("optimized")}
+
+
+def import_args(source: Path, index_dir: Path, pretrained: str) -> list[str]:
+    """The command line that imports SOURCE into INDEX_DIR."""
+    return ["import", str(source), *index_args(index_dir, pretrained)]
+
+
+def index_args(index_dir: Path, pretrained: str) -> list[str]:
+    """The index and the bench's model, as any clipdex command takes them."""
+    return ["--index", str(index_dir), "--model", "ViT-B-32", "--pretrained", pretrained]
+
+
+def measured_cli(workdir: Path, args: list[str]) -> tuple[float, dict[str, Any], dict[str, int]]:
+    """`clipdex ARGS` in a child (cli_child through --io-wrap): its wall time, JSON summary, and
+    the bytes it wrote by /proc/<pid>/io at exit (write_bytes, wchar)."""
     io_file = workdir / f".io-{os.getpid()}-{time.monotonic_ns()}"
-    wall, summary = import_child(
-        Path(__file__), ["--io-wrap", str(io_file)], source, index_dir, pretrained, child_env(workdir)
-    )
+    wall, summary = cli_child(Path(__file__), ["--io-wrap", str(io_file)], args, child_env(workdir))
     io = dict(line.split(": ") for line in io_file.read_text().splitlines())
     io_file.unlink()
-    return {
-        "seconds": round(wall, 2),
-        "added": summary["added"],
-        "write_bytes": int(io["write_bytes"]),
-        "wchar": int(io["wchar"]),
-        "optimized": summary.get("optimized"),
-    }
+    return wall, summary, {"write_bytes": int(io["write_bytes"]), "wchar": int(io["wchar"])}
 
 
-def import_child(
-    script: Path, wrap: list[str], source: Path, index_dir: Path, pretrained: str, env: dict[str, str]
+def cli_child(
+    script: Path, wrap: list[str], args: list[str], env: dict[str, str]
 ) -> tuple[float, dict[str, Any]]:
-    """`script wrap... -- import SOURCE --index INDEX_DIR ... --json` (a script that runs the
-    command line through run_cli, with something of its own around it) in a child: its wall time
-    and the import's JSON summary; a failure ends the benchmark with the child's stderr."""
-    cmd = [
-        sys.executable, str(script.resolve()), *wrap, "--",
-        "import", str(source), "--index", str(index_dir), "--model", "ViT-B-32",
-        "--pretrained", pretrained, "--json",
-    ]  # fmt: skip
+    """`script wrap... -- ARGS --json` (a script that runs the command line through run_cli, with
+    something of its own around it) in a child: its wall time and the command's JSON summary; a
+    failure ends the benchmark with the child's stderr."""
+    cmd = [sys.executable, str(script.resolve()), *wrap, "--", *args, "--json"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
-        raise SystemExit(f"clipdex import failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        raise SystemExit(f"clipdex {args[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return wall, json.loads(done.stdout)
 
 
