@@ -55,7 +55,7 @@ from .schema_names import (
 )
 from .sql_dialects import DIALECTS
 
-__all__ = ["ACTIVE", "CHANGES_FROM", "PENDING", "RETIRED_INDEXES", "SCHEMA_VERSION", "TAKEN_OR_CHANGED"]
+__all__ = ["ACTIVE", "CHANGES_FROM", "PENDING", "SCHEMA_VERSION", "TAKEN_OR_CHANGED"]
 
 # 64-bit integers: nanosecond mtimes, sizes over 2 GB and ids past 2^31 need them in PostgreSQL.
 # SQLite keeps its INTEGER (already 64-bit), which AUTOINCREMENT and rowid aliasing require.
