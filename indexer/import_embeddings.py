@@ -185,7 +185,7 @@ def import_embeddings(
         # The model is loaded for its signature (dimension, preprocessing, temperature) and its
         # text tower: text queries against the imported vectors need both.
         clip = model if isinstance(model, IMAGE_MODEL_TYPES) else load_image_model(spec)
-        with IndexWriter(VectorStore(directory, catalog)) as writer:
+        with IndexWriter(VectorStore(directory, catalog), defer_saves=True) as writer:
             if recorded is not None:
                 recorded.check_compatible(clip.signature, f"index {directory}")
             writer.bind_signature(clip.signature.to_dict())

@@ -116,6 +116,27 @@ def test_import_builds_a_searchable_index(embedding_set, index_dir, tiny_clip_mo
     assert (local.size, local.mtime_ns, local.content_hash, local.format) == (0, 0, "", "JPEG")
 
 
+def test_an_import_writes_the_cache_file_once_at_the_end(
+    embedding_set, index_dir, tiny_clip_model, monkeypatch
+):
+    """A growing cache file rewritten mid-import is wasted (replaced at the end): a new index
+    gets its empty file when its model is bound (openers catch up from it), then one at the end."""
+    import retrieval.storage.vector_store as vector_store_mod
+
+    monkeypatch.setattr(vector_store_mod, "SAVE_MIN_CHANGES", 0)  # the store's rule: every commit
+    monkeypatch.setattr(vector_store_mod, "SAVE_FRACTION", 0.0)
+    saves = []
+    real_save = vector_store_mod.VectorStore.save
+    monkeypatch.setattr(vector_store_mod.VectorStore, "save", lambda self: saves.append(1) or real_save(self))
+    root, expected = embedding_set
+    summary = import_embeddings(
+        root, index_dir, tiny_clip_model, ImportOptions(batch_size=40, optimize=False)
+    )
+    assert summary.added == 250 and len(saves) == 2  # 7 commits
+    with ImageIndex.open(index_dir) as idx:
+        assert idx.verify(check_files=False).ok and idx.info().images == 250
+
+
 def test_importing_again_adds_nothing_twice(embedding_set, index_dir, tiny_clip_model):
     root, expected = embedding_set
     import_embeddings(root, index_dir, tiny_clip_model)

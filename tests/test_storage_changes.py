@@ -227,6 +227,34 @@ def test_save_after_every_commit_when_asked(base):
     assert file_identity(base / FAISS_FILE) != before
 
 
+def test_a_deferring_writer_rewrites_the_file_only_when_it_finishes(base, monkeypatch):
+    """A bulk load (clipdex import) leaves the file alone mid-run however far behind it falls;
+    openers meanwhile catch up from the change log, and the writer's finish rewrites it."""
+    monkeypatch.setattr(vector_store_mod, "SAVE_MIN_CHANGES", 0)  # the store's rule: every commit
+    monkeypatch.setattr(vector_store_mod, "SAVE_FRACTION", 0.0)
+    before = file_identity(base / FAISS_FILE)
+    catalog = open_catalog(base, create=True)
+    try:
+        with IndexWriter(VectorStore(base, catalog), defer_saves=True) as writer:
+            writer.reconcile()
+            for seed in (11, 12, 13):
+                writer.commit(added=new_images(30, seed, f"d{seed}"))
+                assert file_identity(base / FAISS_FILE) == before  # not rewritten mid-run
+            opener = VectorStore(base, Catalog.open(base))
+            try:
+                assert opener.faiss.ntotal == 290  # caught up from the log
+            finally:
+                opener.catalog.close()
+        saved = FaissIndex.load(base / FAISS_FILE, DIM)
+        assert saved is not None and saved.stamp is not None
+        assert saved.ntotal == 290 and saved.stamp.generation == catalog.state().generation
+    finally:
+        catalog.close()
+    # The same commits without deferral: the store's rule rewrites the file at each of them.
+    write(base, added=30, seed=14)
+    assert file_identity(base / FAISS_FILE) != before
+
+
 def test_the_removal_log_is_trimmed_when_the_file_is_rewritten(base):
     catalog = Catalog.open(base)
     old_state = catalog.state()
