@@ -227,32 +227,41 @@ def test_save_after_every_commit_when_asked(base):
     assert file_identity(base / FAISS_FILE) != before
 
 
-def test_a_deferring_writer_rewrites_the_file_only_when_it_finishes(base, monkeypatch):
-    """A bulk load (clipdex import) leaves the file alone mid-run however far behind it falls;
-    openers meanwhile catch up from the change log, and the writer's finish rewrites it."""
-    monkeypatch.setattr(vector_store_mod, "SAVE_MIN_CHANGES", 0)  # the store's rule: every commit
-    monkeypatch.setattr(vector_store_mod, "SAVE_FRACTION", 0.0)
-    before = file_identity(base / FAISS_FILE)
-    catalog = open_catalog(base, create=True)
+def commits_rewriting_the_file(index_dir: Path, seeds: tuple[int, ...], **kw) -> list[bool]:  # type: ignore[no-untyped-def]
+    """One writer committing 30 images per seed: whether each commit rewrote the file."""
+    catalog = open_catalog(index_dir, create=True)
+    rewrote = []
     try:
-        with IndexWriter(VectorStore(base, catalog), defer_saves=True) as writer:
+        with IndexWriter(VectorStore(index_dir, catalog), **kw) as writer:
             writer.reconcile()
-            for seed in (11, 12, 13):
+            for seed in seeds:
+                before = file_identity(index_dir / FAISS_FILE)
                 writer.commit(added=new_images(30, seed, f"d{seed}"))
-                assert file_identity(base / FAISS_FILE) == before  # not rewritten mid-run
-            opener = VectorStore(base, Catalog.open(base))
-            try:
-                assert opener.faiss.ntotal == 290  # caught up from the log
+                rewrote.append(file_identity(index_dir / FAISS_FILE) != before)
+            opener = VectorStore(index_dir, Catalog.open(index_dir))
+            try:  # a search opened mid-run catches up from the change log
+                assert_store_equals_catalog(opener)
             finally:
                 opener.catalog.close()
-        saved = FaissIndex.load(base / FAISS_FILE, DIM)
-        assert saved is not None and saved.stamp is not None
-        assert saved.ntotal == 290 and saved.stamp.generation == catalog.state().generation
     finally:
         catalog.close()
-    # The same commits without deferral: the store's rule rewrites the file at each of them.
-    write(base, added=30, seed=14)
-    assert file_identity(base / FAISS_FILE) != before
+    return rewrote
+
+
+def test_a_deferring_writer_rewrites_the_file_only_when_it_finishes(base, monkeypatch):
+    """A bulk load (clipdex import) leaves the file alone mid-run however far behind it falls,
+    and rewrites it when it finishes."""
+    monkeypatch.setattr(vector_store_mod, "SAVE_MIN_CHANGES", 0)  # the store's rule: every commit
+    monkeypatch.setattr(vector_store_mod, "SAVE_FRACTION", 0.0)
+    assert commits_rewriting_the_file(base, (11, 12)) == [True, True]
+    assert commits_rewriting_the_file(base, (13, 14, 15), defer_saves=True) == [False, False, False]
+    saved = FaissIndex.load(base / FAISS_FILE, DIM)
+    catalog = Catalog.open(base)
+    try:
+        assert saved is not None and saved.stamp is not None
+        assert saved.ntotal == 350 and saved.stamp.generation == catalog.state().generation
+    finally:
+        catalog.close()
 
 
 def test_the_removal_log_is_trimmed_when_the_file_is_rewritten(base):
