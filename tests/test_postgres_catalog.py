@@ -216,6 +216,16 @@ def test_a_writer_whose_lock_session_ended_commits_nothing_more(tmp_path, postgr
             catalog.commit_changes(added=[image("a")])  # held: written
             with postgres_connect(postgres_url) as admin:
                 admin.execute("SELECT pg_terminate_backend(%s)", (lock._backend_pid,))
+                # The backend ends after the call returns: wait for it, or the commit below may
+                # still find its session alive (seen once, in a loaded run of the suite).
+                deadline = time.monotonic() + 10
+                while (
+                    time.monotonic() < deadline
+                    and admin.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (lock._backend_pid,)
+                    ).fetchone()
+                ):
+                    time.sleep(0.02)
             with pytest.raises(IndexLockedError, match="lost its lock"):
                 catalog.commit_changes(added=[image("b")])
         assert sorted(r.path for r in catalog.records().values()) == ["/p/a.jpg"]

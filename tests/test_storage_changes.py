@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from sqlalchemy import inspect, text
 
+import retrieval.storage.catalog as catalog_mod
 import retrieval.storage.faiss_index as faiss_index_mod
 import retrieval.storage.vector_store as vector_store_mod
 import retrieval.storage.writer as writer_mod
@@ -162,6 +163,36 @@ def test_a_reader_catches_up_without_reading_every_id(base, monkeypatch):
         assert_store_equals_catalog(long_lived)
     finally:
         long_lived.catalog.close()
+
+
+def test_a_reader_far_behind_catches_up_batch_by_batch(base, monkeypatch):
+    """A search opened during a large import catches up on every change since the file, holding
+    CHANGE_BATCH of the added vectors at a time (catalog.ChangeStream), not all of them."""
+    victims = catalog_view(base)[0][[1, 2, 3]].tolist()
+    write(base, added=40, removed=victims, seed=16, save_after_changes=10**9)  # the file left behind
+    monkeypatch.setattr(catalog_mod, "CHANGE_BATCH", 6)
+    held = []
+    real_from_batches = FaissIndex.from_batches.__func__
+
+    def counting(cls, dim, count, batches):  # type: ignore[no-untyped-def]
+        def watched():  # type: ignore[no-untyped-def]
+            for ids, vectors in batches:
+                held.append(len(ids))
+                yield ids, vectors
+
+        return real_from_batches(cls, dim, count, watched())
+
+    monkeypatch.setattr(FaissIndex, "from_batches", classmethod(counting))
+    fresh = VectorStore(base, Catalog.open(base))
+    try:
+        report = fresh.load()
+        assert (report.added, report.removed) == (40, 3)
+        # The file's 197 kept rows (in copies of _COPY_ROWS), then the 40 added, 6 at a time.
+        assert held[-7:] == [6, 6, 6, 6, 6, 6, 4] and sum(held) == 237
+        monkeypatch.undo()
+        assert_store_equals_catalog(fresh)
+    finally:
+        fresh.catalog.close()
 
 
 def test_a_writer_adding_a_few_images_leaves_the_file_untouched(base):

@@ -99,6 +99,10 @@ class CatalogState:
     nonce: str
 
 
+# Added vectors read per step of a change stream (16 MB of 512-d vectors).
+CHANGE_BATCH = 8192
+
+
 @dataclass(frozen=True)
 class Changes:
     """What changed in one model's vectors after a generation, up to `state` (one snapshot).
@@ -112,6 +116,24 @@ class Changes:
     @property
     def count(self) -> int:
         return len(self.removed) + len(self.added)
+
+
+@dataclass(frozen=True)
+class ChangeStream:
+    """Changes as they are applied: the removed ids, then the added vectors in batches of
+    (ids, vectors) read from the snapshot's cursor, `added_count` in all, in no particular order.
+    Consumed inside the snapshot it came from. An opener far behind (a search during a large
+    import) holds one batch of them at a time, not all: catching up a million changes took
+    6.1 GB as Changes."""
+
+    state: CatalogState
+    removed: np.ndarray
+    added_count: int
+    batches: Iterator[tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def count(self) -> int:
+        return len(self.removed) + self.added_count
 
 
 class MalformedVectorError(ClipdexError):
@@ -795,28 +817,43 @@ class CatalogSnapshot:
         return decode_vectors([found[i] for i in wanted], dim)
 
     def changes_since(self, generation: int, model_id: int, dim: int) -> Changes | None:
-        """See Catalog.changes_since. Both reads go through an index on (model, generation)."""
-        if generation < _changes_from(self):
+        """See Catalog.changes_since: the change stream, read whole."""
+        stream = self.change_stream(generation, model_id, dim)
+        if stream is None:
             return None
-        state = self.state()
-        removed = self._rows(
-            "SELECT image_id FROM removals WHERE model_id = ? AND generation > ?",
-            (int(model_id), int(generation)),
-        )
+        parts = list(stream.batches)
+        added = np.concatenate([ids for ids, _ in parts]) if parts else np.empty(0, np.int64)
+        vectors = np.concatenate([v for _, v in parts]) if parts else np.empty((0, dim), np.float32)
         # In id order by numpy, not by ORDER BY: SQLite would sort the rows, vectors and all, in
         # a temporary B-tree (on disk past its cache: 100 MB for 50k changes).
-        rows = self._rows(
-            "SELECT image_id, vector FROM vectors WHERE model_id = ? AND generation > ?",
-            (int(model_id), int(generation)),
-        )
-        added = np.asarray([r[0] for r in rows], dtype=np.int64)
         order = np.argsort(added)
-        return Changes(
-            state=state,
+        return Changes(state=stream.state, removed=stream.removed, added=added[order], vectors=vectors[order])
+
+    def change_stream(self, generation: int, model_id: int, dim: int) -> ChangeStream | None:
+        """The vectors of `model_id` removed and added after `generation`, the added ones read
+        CHANGE_BATCH rows at a time as the stream is consumed; None when the log does not reach back
+        that far. Every read goes through an index on (model, generation)."""
+        if generation < _changes_from(self):
+            return None
+        params = (int(model_id), int(generation))
+        removed = self._rows("SELECT image_id FROM removals WHERE model_id = ? AND generation > ?", params)
+        added = self._one("SELECT count(*) FROM vectors WHERE model_id = ? AND generation > ?", params)
+        return ChangeStream(
+            state=self.state(),
             removed=np.unique(np.asarray([r[0] for r in removed], dtype=np.int64)),
-            added=added[order],
-            vectors=decode_vectors([rows[i][1] for i in order], dim),
+            added_count=int(added[0]) if added else 0,
+            batches=self._added_after(params, dim, CHANGE_BATCH),
         )
+
+    def _added_after(
+        self, params: tuple[int, int], dim: int, batch: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        cursor = self.conn.execute(
+            self.dialect.sql("SELECT image_id, vector FROM vectors WHERE model_id = ? AND generation > ?"),
+            params,
+        )
+        while rows := cursor.fetchmany(batch):
+            yield np.asarray([r[0] for r in rows], dtype=np.int64), decode_vectors([r[1] for r in rows], dim)
 
     def iter_embedding_blobs(
         self, batch: int = 4096, model_id: int | None = None

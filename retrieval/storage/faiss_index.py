@@ -175,21 +175,29 @@ class FaissIndex(StampedIndex):
     def apply(self, removed: np.ndarray, added: np.ndarray, vectors: np.ndarray) -> int:
         """Remove, then add (an id in both ends up with its new vector); returns how many were
         removed. A mapped index is copied once, straight to its new size."""
-        if self.mapped:
-            return self._materialize(removed, added, vectors)
-        count = self.remove(removed)
-        self.add(added, vectors)
-        return count
+        return self.apply_batches(removed, len(added), [(added, vectors)])
 
-    def _materialize(self, removed: np.ndarray, added: np.ndarray, vectors: np.ndarray) -> int:
-        """The mapped index, minus `removed`, plus `added`, as an index in memory of its own."""
+    def apply_batches(
+        self, removed: np.ndarray, count: int, batches: Iterable[tuple[np.ndarray, np.ndarray]]
+    ) -> int:
+        """`apply` with the additions as (ids, vectors) batches, `count` in all."""
+        if self.mapped:
+            return self._materialize(removed, count, batches)
+        removed_count = self.remove(removed)
+        for ids, vectors in batches:
+            self.add(ids, vectors)
+        return removed_count
+
+    def _materialize(
+        self, removed: np.ndarray, count: int, added: Iterable[tuple[np.ndarray, np.ndarray]]
+    ) -> int:
+        """The mapped index, minus `removed`, plus the `count` vectors of `added`, as an index in
+        memory of its own."""
         ids = self.ids()
         keep = ~np.isin(ids, removed) if len(removed) else np.ones(len(ids), dtype=bool)
         inner = faiss.downcast_index(self.index.index)
         n, dim = self.ntotal, self.dim
         mapped = faiss.rev_swig_ptr(inner.codes.data(), n * dim * 4).view(np.float32).reshape(n, dim)
-        added = np.ascontiguousarray(added, dtype=np.int64)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(added), dim)
 
         def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
             for at in range(0, n, _COPY_ROWS):
@@ -199,10 +207,14 @@ class FaissIndex(StampedIndex):
                     yield ids[rows], mapped[rows]
                 else:
                     yield ids[rows][part], mapped[rows][part]
-            yield added, vectors
+            for added_ids, vectors in added:
+                yield (
+                    np.ascontiguousarray(added_ids, dtype=np.int64),
+                    np.asarray(vectors, dtype=np.float32).reshape(len(added_ids), dim),
+                )
 
         kept = int(keep.sum())
-        self.index = FaissIndex.from_batches(dim, kept + len(added), batches()).index
+        self.index = FaissIndex.from_batches(dim, kept + count, batches()).index
         return n - kept
 
     def ids(self) -> np.ndarray:
@@ -219,7 +231,7 @@ class FaissIndex(StampedIndex):
         if len(ids) == 0:
             return
         if self.mapped:
-            self._materialize(np.empty(0, np.int64), ids, vectors)
+            self._materialize(np.empty(0, np.int64), len(ids), [(ids, vectors)])
             return
         vecs = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
         self.index.add_with_ids(vecs, np.ascontiguousarray(ids, dtype=np.int64))
@@ -228,9 +240,7 @@ class FaissIndex(StampedIndex):
         if len(ids) == 0:
             return 0
         if self.mapped:
-            return self._materialize(
-                np.asarray(ids, dtype=np.int64), np.empty(0, np.int64), np.empty((0, self.dim))
-            )
+            return self._materialize(np.asarray(ids, dtype=np.int64), 0, [])
         return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
 
     def search(
@@ -363,10 +373,18 @@ def reconcile(index: FaissIndex, catalog_ids: np.ndarray, fetch) -> ReconcileRep
 def apply_to(index, removed: np.ndarray, added: np.ndarray, vectors: np.ndarray) -> ReconcileReport:  # type: ignore[no-untyped-def]
     """Removals, then additions, on a FaissIndex (one copy of a mapped one) or any index with
     `remove` and `add` (an id in both ends up with its new vector)."""
-    apply = getattr(index, "apply", None)
+    return apply_batches_to(index, removed, len(added), [(added, vectors)])
+
+
+def apply_batches_to(  # type: ignore[no-untyped-def]
+    index, removed: np.ndarray, count: int, batches: Iterable[tuple[np.ndarray, np.ndarray]]
+) -> ReconcileReport:
+    """`apply_to` with the `count` additions as (ids, vectors) batches, added as they come."""
+    apply = getattr(index, "apply_batches", None)
     if apply is not None:
-        count = apply(removed, added, vectors)
+        removed_count = apply(removed, count, batches)
     else:
-        count = index.remove(removed)
-        index.add(added, vectors)
-    return ReconcileReport(added=len(added), removed=int(count))
+        removed_count = index.remove(removed)
+        for ids, vectors in batches:
+            index.add(ids, vectors)
+    return ReconcileReport(added=count, removed=int(removed_count))

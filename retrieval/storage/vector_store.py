@@ -4,9 +4,10 @@ The catalog holds every embedding durably; the FAISS file beside it is a cache, 
 catalog identity, model and commit it reflects (storage.faiss_index.Stamp). Opening trusts the
 file as far as its stamp allows: a file of the catalog's last commit is used as it is, without
 reading a single id; one of an earlier commit of the same catalog catches up with what changed
-since (Catalog.changes_since: the rows written and the removals logged after its generation,
-read through an index, never all ids); a file older than the change log (written before the
-schema-3 upgrade, or before the log was trimmed) is brought up to date by the ids that differ;
+since (CatalogSnapshot.change_stream: the rows written and the removals logged after its
+generation, read through an index, never all ids, the vectors a batch at a time); a file
+older than the change log (written before the schema-3 upgrade, or before the log was trimmed)
+is brought up to date by the ids that differ;
 any other file (another catalog, a restored backup, clipdex 0.1) is never used, and the index is
 rebuilt from the catalog, streamed in id order into a buffer of its final size.
 
@@ -26,8 +27,8 @@ from retrieval.core.filters import Filters
 
 from . import index_rules
 from .ann import META_KEY, AnnIndex, CandidateFilter, load_cache, search_exact
-from .catalog import Catalog, CatalogSnapshot, CatalogState, Changes, decode_vectors
-from .faiss_index import FAISS_FILE, FaissIndex, ReconcileReport, Stamp, apply_to, reconcile
+from .catalog import Catalog, CatalogSnapshot, CatalogState, ChangeStream, decode_vectors
+from .faiss_index import FAISS_FILE, FaissIndex, ReconcileReport, Stamp, apply_batches_to, reconcile
 
 # Rewrite the cache file once it is far enough behind the catalog (vectors removed + added since
 # its stamp) that openers, who catch up by reading each change from SQLite (~10 us a vector
@@ -72,9 +73,9 @@ def stamp_of(state: CatalogState) -> Stamp | None:
     return Stamp(state.index_id, state.model_id, state.generation, state.nonce)
 
 
-def apply_changes(faiss: FaissIndex, changes: Changes) -> ReconcileReport:
+def apply_changes(faiss: FaissIndex, changes: ChangeStream) -> ReconcileReport:
     """Removals first: an id removed and written again after the stamp ends up with its new vector."""
-    return apply_to(faiss, changes.removed, changes.added, changes.vectors)
+    return apply_batches_to(faiss, changes.removed, changes.added_count, changes.batches)
 
 
 @dataclass(frozen=True)
@@ -298,9 +299,11 @@ class VectorStore:
         self._faiss, self._state = faiss, state
         self._file_generation, self._unsaved = file_generation, unsaved
 
-    def _changes(self, snap: CatalogSnapshot, since: int, state: CatalogState, dim: int) -> Changes | None:
+    def _changes(
+        self, snap: CatalogSnapshot, since: int, state: CatalogState, dim: int
+    ) -> ChangeStream | None:
         assert state.model_id is not None
-        return snap.changes_since(since, state.model_id, dim)
+        return snap.change_stream(since, state.model_id, dim)
 
     def _rebuilt(self, snap: CatalogSnapshot, state: CatalogState, dim: int) -> ReconcileReport:
         """Stream every vector of the snapshot into a flat index of its final size."""

@@ -96,7 +96,7 @@ def _verify(  # type: ignore[no-untyped-def]
         # Brought up to this state as an opener would: from the log, or (a file older than the
         # log) by the id diff. What is left to find is what an opener could not mend.
         assert stored.stamp is not None and state.model_id is not None
-        changes = snap.changes_since(stored.stamp.generation, state.model_id, dim)
+        changes = snap.change_stream(stored.stamp.generation, state.model_id, dim)
         if changes is not None:
             apply_changes(stored, changes)
         else:
