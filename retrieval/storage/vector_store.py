@@ -7,9 +7,9 @@ reading a single id; one of an earlier commit of the same catalog catches up wit
 since (CatalogSnapshot.change_stream: the rows written and the removals logged after its
 generation, read through an index, never all ids, the vectors a batch at a time); a file
 older than the change log (written before the schema-3 upgrade, or before the log was trimmed)
-is brought up to date by the ids that differ;
-any other file (another catalog, a restored backup, clipdex 0.1) is never used, and the index is
-rebuilt from the catalog, streamed in id order into a buffer of its final size.
+is brought up to date by the ids that differ; any other file (another catalog, a restored
+backup, clipdex 0.1) is never used, and the index is rebuilt from the catalog, streamed in id
+order into a buffer of its final size.
 
 The file is rewritten only when catching up from it would cost more than a small fraction of a
 rewrite (`should_save`): the catalog, not the file, is the durable copy.
