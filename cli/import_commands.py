@@ -43,7 +43,7 @@ def import_command(
     ] = "auto",
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", min=1, help="Rows per transaction.")
-    ] = 10_000,
+    ] = 50_000,
     no_optimize: Annotated[
         bool, typer.Option("--no-optimize", help="Do not build the approximate index after a large import.")
     ] = False,

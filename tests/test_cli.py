@@ -287,3 +287,13 @@ def test_index_commits_as_the_library_does_by_default():
     from indexer import IndexOptions
 
     assert inspect.signature(index).parameters["commit_every"].default == IndexOptions.commit_every
+
+
+def test_import_commits_as_the_library_does_by_default():
+    import inspect
+
+    from cli.import_commands import import_command
+    from indexer.import_embeddings import ImportOptions
+
+    batch = inspect.signature(import_command).parameters["batch_size"].default
+    assert batch == ImportOptions.batch_size
