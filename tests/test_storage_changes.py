@@ -24,7 +24,7 @@ import retrieval.storage.writer as writer_mod
 from retrieval.storage.catalog import CATALOG_NAME, Catalog, open_catalog
 from retrieval.storage.catalog_writes import PAGE_SIZE
 from retrieval.storage.faiss_index import FAISS_FILE, FaissIndex
-from retrieval.storage.records import NewImage
+from retrieval.storage.records import Move, NewImage
 from retrieval.storage.schema import CHANGES_FROM, SCHEMA_VERSION
 from retrieval.storage.vector_store import VectorStore
 from retrieval.storage.verify import verify_index
@@ -193,6 +193,66 @@ def test_a_reader_far_behind_catches_up_batch_by_batch(base, monkeypatch):
         assert_store_equals_catalog(fresh)
     finally:
         fresh.catalog.close()
+
+
+def test_a_refresh_that_fails_mid_stream_adds_nothing_twice(base, monkeypatch):
+    """Batches go into the index in use as they are read: one failing after others went in must
+    not leave them there for the retry to add again (a server refreshes before every job)."""
+    store = VectorStore(base, Catalog.open(base))
+    try:
+        store.load()
+        write(base, added=1, seed=17)
+        store.refresh()  # the mapped file copied into memory: batches now go into it in place
+        write(base, added=20, seed=18, save_after_changes=10**9)
+        monkeypatch.setattr(catalog_mod, "CHANGE_BATCH", 6)
+        real_decode, decoded = catalog_mod.decode_vectors, []
+
+        def second_fails(blobs, dim):  # type: ignore[no-untyped-def]
+            decoded.append(1)
+            if len(decoded) == 2:
+                raise OSError("disk I/O error")
+            return real_decode(blobs, dim)
+
+        monkeypatch.setattr(catalog_mod, "decode_vectors", second_fails)
+        with pytest.raises(OSError):
+            store.refresh()
+        monkeypatch.undo()
+        store.refresh()
+        assert store.faiss.ntotal == 221
+        assert_store_equals_catalog(store)
+    finally:
+        store.catalog.close()
+
+
+def test_a_change_stream_is_read_inside_its_snapshot_only(base):
+    catalog = Catalog.open(base)
+    try:
+        state = catalog.state()
+        write(base, added=3, seed=19, save_after_changes=10**9)
+        with catalog.snapshot() as snap:
+            stream = snap.change_stream(state.generation, state.model_id, DIM)
+        assert stream is not None and stream.added_count == 3
+        with pytest.raises(RuntimeError, match="after its snapshot ended"):
+            next(stream.batches)  # the catalog's latest state, not the stream's: refused
+    finally:
+        catalog.close()
+
+
+def test_a_commit_of_moves_only_leaves_a_mapped_index_mapped(base):
+    store = VectorStore(base, Catalog.open(base))
+    try:
+        assert store.faiss.mapped
+        image_id = int(store.faiss.ids()[0])
+        catalog = open_catalog(base, create=False)
+        try:
+            catalog.commit_changes(moved=[Move(image_id, "/synthetic/moved.jpg", 1, 1)])
+        finally:
+            catalog.close()
+        store.refresh()
+        assert store.faiss.mapped  # nothing to add or remove: no copy of the file into memory
+        assert_store_equals_catalog(store)
+    finally:
+        store.catalog.close()
 
 
 def test_a_writer_adding_a_few_images_leaves_the_file_untouched(base):

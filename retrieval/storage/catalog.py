@@ -324,9 +324,11 @@ class Catalog:
         REPEATABLE READ in PostgreSQL keep it stable while a writer commits)."""
         with self._reads.connection() as conn:
             conn.execute(self.dialect.begin_snapshot)
+            snap = CatalogSnapshot(conn, self.dialect)
             try:
-                yield CatalogSnapshot(conn, self.dialect)
+                yield snap
             finally:
+                snap.closed = True
                 conn.execute("ROLLBACK")
 
     def state(self) -> CatalogState:
@@ -769,6 +771,7 @@ class CatalogSnapshot:
     def __init__(self, conn: Any, dialect: Dialect):
         self.conn = conn
         self.dialect = dialect
+        self.closed = False  # its transaction ended: a change stream read now would be of another state
 
     def _rows(self, sql: str, params: Sequence = ()) -> list[tuple]:
         return self.conn.execute(self.dialect.sql(sql), tuple(params)).fetchall()
@@ -848,12 +851,32 @@ class CatalogSnapshot:
     def _added_after(
         self, params: tuple[int, int], dim: int, batch: int
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        cursor = self.conn.execute(
-            self.dialect.sql("SELECT image_id, vector FROM vectors WHERE model_id = ? AND generation > ?"),
-            params,
-        )
-        while rows := cursor.fetchmany(batch):
-            yield np.asarray([r[0] for r in rows], dtype=np.int64), decode_vectors([r[1] for r in rows], dim)
+        if self.closed:
+            raise RuntimeError("a change stream read after its snapshot ended")
+        if self.dialect.name == "postgresql":
+            # Server-side, binary: psycopg's default cursor pulls the whole result into memory
+            # at execute, each vector as hex text twice its size.
+            cursor = self.conn.cursor(name="clipdex_change_stream", binary=True)
+        else:
+            cursor = self.conn.cursor()
+        try:
+            cursor.execute(
+                self.dialect.sql(
+                    "SELECT image_id, vector FROM vectors WHERE model_id = ? AND generation > ?"
+                ),
+                params,
+            )
+            while rows := cursor.fetchmany(batch):
+                if self.closed:
+                    raise RuntimeError("a change stream read after its snapshot ended")
+                yield (
+                    np.asarray([r[0] for r in rows], dtype=np.int64),
+                    decode_vectors([r[1] for r in rows], dim),
+                )
+        finally:
+            # Closed before the snapshot's ROLLBACK when consumed (or closed) inside it: an open
+            # statement would keep SQLite's read transaction, and the log unshrinkable, alive.
+            cursor.close()
 
     def iter_embedding_blobs(
         self, batch: int = 4096, model_id: int | None = None

@@ -182,9 +182,13 @@ class FaissIndex(StampedIndex):
     ) -> int:
         """`apply` with the additions as (ids, vectors) batches, `count` in all."""
         if self.mapped:
+            if len(removed) == 0 and count == 0:  # a commit of moves only: no copy of the file
+                for _ in announced(0, batches):  # empty ones, or a ValueError
+                    pass
+                return 0
             return self._materialize(removed, count, batches)
         removed_count = self.remove(removed)
-        for ids, vectors in batches:
+        for ids, vectors in announced(count, batches):
             self.add(ids, vectors)
         return removed_count
 
@@ -385,6 +389,21 @@ def apply_batches_to(  # type: ignore[no-untyped-def]
         removed_count = apply(removed, count, batches)
     else:
         removed_count = index.remove(removed)
-        for ids, vectors in batches:
+        for ids, vectors in announced(count, batches):
             index.add(ids, vectors)
     return ReconcileReport(added=count, removed=int(removed_count))
+
+
+def announced(
+    count: int, batches: Iterable[tuple[np.ndarray, np.ndarray]]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`batches`, checked to hold `count` vectors in all (ValueError once they hold more or
+    fewer: the index they went into is then not to be used)."""
+    seen = 0
+    for ids, vectors in batches:
+        seen += len(ids)
+        if seen > count:
+            raise ValueError(f"more than the {count} vectors announced")
+        yield ids, vectors
+    if seen != count:
+        raise ValueError(f"{seen} vectors where {count} were announced")

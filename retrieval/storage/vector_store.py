@@ -17,6 +17,7 @@ rewrite (`should_save`): the catalog, not the file, is the durable copy.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +75,10 @@ def stamp_of(state: CatalogState) -> Stamp | None:
 
 
 def apply_changes(faiss: FaissIndex, changes: ChangeStream) -> ReconcileReport:
-    """Removals first: an id removed and written again after the stamp ends up with its new vector."""
-    return apply_batches_to(faiss, changes.removed, changes.added_count, changes.batches)
+    """Removals first: an id removed and written again after the stamp ends up with its new
+    vector. The stream is closed on the way out, read to its end or not (its cursor with it)."""
+    with contextlib.closing(changes.batches):
+        return apply_batches_to(faiss, changes.removed, changes.added_count, changes.batches)
 
 
 @dataclass(frozen=True)
@@ -169,12 +172,18 @@ class VectorStore:
                 self.reset()
                 return True
             changes = self._changes(snap, self._state.generation, state, self._faiss.dim)
-            if changes is None:
-                report = self._reconcile(self._faiss, snap)
-                self._unsaved += report.added + report.removed
-            else:
-                apply_changes(self._faiss, changes)
-                self._unsaved += changes.count
+            try:
+                if changes is None:
+                    report = self._reconcile(self._faiss, snap)
+                    self._unsaved += report.added + report.removed
+                else:
+                    apply_changes(self._faiss, changes)
+                    self._unsaved += changes.count
+            except BaseException:
+                # The index in use may hold part of the changes (batches are added as they are
+                # read): a retry would add them twice. Dropped: the next use loads it afresh.
+                self.reset()
+                raise
         self._state = state
         return False
 
