@@ -12,7 +12,8 @@ backup, clipdex 0.1) is never used, and the index is rebuilt from the catalog, s
 order into a buffer of its final size.
 
 The file is rewritten only when catching up from it would cost more than a small fraction of a
-rewrite (`should_save`): the catalog, not the file, is the durable copy.
+rewrite (`should_save`), or once at the end of a bulk load (IndexWriter's `defer_saves`): the
+catalog, not the file, is the durable copy.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from .faiss_index import FAISS_FILE, FaissIndex, ReconcileReport, Stamp, apply_b
 #   index rewrites nothing: 20 MB into the catalog instead of 2 GB of FAISS file).
 # - SAVE_MIN_CHANGES, while a run is still committing: a long first run (a million images) would
 #   otherwise rewrite the file at every 10% of growth from its first batch on; 50k changes are
-#   ~0.5 s of catch-up for a reader opening mid-run, and bound the rewrites to one per 50k.
+#   ~0.5 s of catch-up for a reader opening mid-run, and bound the rewrites to one per 50k
+#   (clipdex import defers them all to its end: its readers catch up on more).
 #   When the writer finishes, the fraction alone decides: a small library ends each run with a
 #   file an opener loads as it is.
 SAVE_FRACTION = 0.10

@@ -4,7 +4,8 @@ Each commit is one catalog transaction (rows and their embeddings together), the
 change in the FAISS index in memory. The catalog is the durable copy: the FAISS file is rewritten
 only when openers could not catch up from it cheaply (VectorStore.should_save: far enough behind,
 or not a base at all), checked after each commit and on the way out, and always after a reindex
-swap or a rebuild; never on a timer. During a reindex the embeddings go
+swap or a rebuild; never on a timer. A bulk load (`defer_saves`: clipdex import) checks only on
+the way out. During a reindex the embeddings go
 to a pending model built beside the active one: searches keep using the active model until
 `finish_reindex` swaps them in one transaction.
 """
