@@ -355,6 +355,28 @@ def test_a_deferring_writer_rewrites_the_file_only_when_it_finishes(base, monkey
         catalog.close()
 
 
+def test_a_writer_interrupted_at_once_leaves_the_file_as_it_is(base, monkeypatch):
+    """A second Ctrl-C stops at once: the writer's way out rewrites nothing (an error does)."""
+    monkeypatch.setattr(vector_store_mod, "SAVE_MIN_CHANGES", 0)
+    monkeypatch.setattr(vector_store_mod, "SAVE_FRACTION", 0.0)
+    for stop, rewritten in ((KeyboardInterrupt, False), (ValueError, True)):
+        before = file_identity(base / FAISS_FILE)
+        catalog = open_catalog(base, create=True)
+        try:
+            with pytest.raises(stop), IndexWriter(VectorStore(base, catalog), defer_saves=True) as writer:
+                writer.reconcile()
+                writer.commit(added=new_images(5, 20 + rewritten, f"stop{rewritten}"))
+                raise stop()
+        finally:
+            catalog.close()
+        assert (file_identity(base / FAISS_FILE) != before) is rewritten
+    store = VectorStore(base, Catalog.open(base))
+    try:
+        assert_store_equals_catalog(store)  # every commit searchable either way
+    finally:
+        store.catalog.close()
+
+
 def test_the_removal_log_is_trimmed_when_the_file_is_rewritten(base):
     catalog = Catalog.open(base)
     old_state = catalog.state()

@@ -61,11 +61,14 @@ class IndexWriter:
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         try:
-            self._save_if_due(finishing=True)
-            if self.rows_changed >= STATISTICS_AFTER:
-                self.catalog.refresh_statistics()
+            # A second Ctrl-C (KeyboardInterrupt) or an exit asks to stop now: no file rewrite
+            # (seconds for a flat index of a million) nor statistics; openers catch up instead.
+            if exc_type is None or issubclass(exc_type, Exception):
+                self._save_if_due(finishing=True)
+                if self.rows_changed >= STATISTICS_AFTER:
+                    self.catalog.refresh_statistics()
         finally:
             self.lock.release()
 
