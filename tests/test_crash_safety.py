@@ -490,7 +490,7 @@ def test_a_second_ctrl_c_stops_at_once_and_loses_nothing(tmp_path, tiny_clip_mod
     done = committed_rows(index_dir / CATALOG_NAME)
     assert 8 <= done < total and done % 4 == 0, done
     with ImageIndex.open(index_dir) as index:
-        report = verify_index(index.store)  # the writer saved FAISS on its way out, lock released
+        report = verify_index(index.store)  # a file left behind is caught up from the log; lock released
         assert report.ok, report.problems
     WriterLock(index_dir).acquire().release()
     before = tiny_clip_model.images_encoded

@@ -771,7 +771,7 @@ class CatalogSnapshot:
     def __init__(self, conn: Any, dialect: Dialect):
         self.conn = conn
         self.dialect = dialect
-        self.closed = False  # its transaction ended: a change stream read now would be of another state
+        self.closed = False  # its transaction ended: a change stream may not be read any more
 
     def _rows(self, sql: str, params: Sequence = ()) -> list[tuple]:
         return self.conn.execute(self.dialect.sql(sql), tuple(params)).fetchall()
@@ -866,9 +866,12 @@ class CatalogSnapshot:
                 ),
                 params,
             )
-            while rows := cursor.fetchmany(batch):
-                if self.closed:
+            while True:
+                if self.closed:  # resumed after the snapshot: its connection may serve another now
                     raise RuntimeError("a change stream read after its snapshot ended")
+                rows = cursor.fetchmany(batch)
+                if not rows:
+                    break
                 yield (
                     np.asarray([r[0] for r in rows], dtype=np.int64),
                     decode_vectors([r[1] for r in rows], dim),
@@ -876,7 +879,10 @@ class CatalogSnapshot:
         finally:
             # Closed before the snapshot's ROLLBACK when consumed (or closed) inside it: an open
             # statement would keep SQLite's read transaction, and the log unshrinkable, alive.
-            cursor.close()
+            # After it, the ROLLBACK ended a server-side cursor already (no CLOSE sent into a
+            # transaction that may be another reader's).
+            if not (self.closed and self.dialect.name == "postgresql"):
+                cursor.close()
 
     def iter_embedding_blobs(
         self, batch: int = 4096, model_id: int | None = None

@@ -168,24 +168,25 @@ class VectorStore:
         if state.model_id != self._state.model_id:
             self.reset()
             return True
-        with self.catalog.snapshot() as snap:
-            state = snap.state()
-            if state.model_id != self._state.model_id:  # swapped in meanwhile
-                self.reset()
-                return True
-            changes = self._changes(snap, self._state.generation, state, self._faiss.dim)
-            try:
+        try:
+            with self.catalog.snapshot() as snap:
+                state = snap.state()
+                if state.model_id != self._state.model_id:  # swapped in meanwhile
+                    self.reset()
+                    return True
+                changes = self._changes(snap, self._state.generation, state, self._faiss.dim)
                 if changes is None:
                     report = self._reconcile(self._faiss, snap)
                     self._unsaved += report.added + report.removed
                 else:
                     apply_changes(self._faiss, changes)
                     self._unsaved += changes.count
-            except BaseException:
-                # The index in use may hold part of the changes (batches are added as they are
-                # read): a retry would add them twice. Dropped: the next use loads it afresh.
-                self.reset()
-                raise
+        except BaseException:
+            # The index in use may hold part or all of the changes (batches go in as they are
+            # read; the snapshot's end may fail after them) while `_state` is still the old one:
+            # a retry would add them twice. Dropped: the next use loads it afresh.
+            self.reset()
+            raise
         self._state = state
         return False
 

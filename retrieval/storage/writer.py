@@ -3,9 +3,9 @@
 Each commit is one catalog transaction (rows and their embeddings together), then the same
 change in the FAISS index in memory. The catalog is the durable copy: the FAISS file is rewritten
 only when openers could not catch up from it cheaply (VectorStore.should_save: far enough behind,
-or not a base at all), checked after each commit and on the way out, and always after a reindex
-swap or a rebuild; never on a timer. A bulk load (`defer_saves`: clipdex import) checks only on
-the way out. During a reindex the embeddings go
+or not a base at all), checked after each commit and on the way out (unless interrupted), and
+always after a reindex swap or a rebuild; never on a timer. A bulk load (`defer_saves`: clipdex
+import) rewrites it mid-run only when there is no base at all. During a reindex the embeddings go
 to a pending model built beside the active one: searches keep using the active model until
 `finish_reindex` swaps them in one transaction.
 """
@@ -63,8 +63,9 @@ class IndexWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         try:
-            # A second Ctrl-C (KeyboardInterrupt) or an exit asks to stop now: no file rewrite
-            # (seconds for a flat index of a million) nor statistics; openers catch up instead.
+            # Any way out that is not an error (a second Ctrl-C, an exit, a cancellation) asks to
+            # stop now: no file rewrite (seconds for a flat index of a million) nor statistics;
+            # openers catch up from the change log instead, until the next writer finishes.
             if exc_type is None or issubclass(exc_type, Exception):
                 self._save_if_due(finishing=True)
                 if self.rows_changed >= STATISTICS_AFTER:
