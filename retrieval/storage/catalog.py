@@ -28,7 +28,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +129,7 @@ class ChangeStream:
     state: CatalogState
     removed: np.ndarray
     added_count: int
-    batches: Iterator[tuple[np.ndarray, np.ndarray]]
+    batches: Generator[tuple[np.ndarray, np.ndarray], None, None]  # closed by whoever applies it
 
     @property
     def count(self) -> int:
@@ -850,7 +850,7 @@ class CatalogSnapshot:
 
     def _added_after(
         self, params: tuple[int, int], dim: int, batch: int
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
         if self.closed:
             raise RuntimeError("a change stream read after its snapshot ended")
         if self.dialect.name == "postgresql":
