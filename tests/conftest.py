@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,32 @@ def wait_for_rows(proc: subprocess.Popen, db: Path, rows: int, timeout: float) -
         if proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"indexing did not get going: {proc.returncode} {proc.communicate()}")
         time.sleep(0.01)
+
+
+@dataclass(frozen=True)
+class ChangesRead:
+    state: object
+    removed: np.ndarray
+    added: np.ndarray  # sorted
+    vectors: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.removed) + len(self.added)
+
+
+def changes_since(catalog, generation: int, model_id: int, dim: int) -> ChangesRead | None:  # type: ignore[no-untyped-def]
+    """The catalog's change stream after `generation`, read whole in one snapshot, added ids in
+    order (what an opener applies batch by batch); None when the log does not reach back that far."""
+    with catalog.snapshot() as snap:
+        stream = snap.change_stream(generation, model_id, dim)
+        if stream is None:
+            return None
+        parts = list(stream.batches)
+    added = np.concatenate([ids for ids, _ in parts]) if parts else np.empty(0, np.int64)
+    vectors = np.concatenate([v for _, v in parts]) if parts else np.empty((0, dim), np.float32)
+    order = np.argsort(added)
+    return ChangesRead(stream.state, stream.removed, added[order], vectors[order])
 
 
 def sqlite_plans(catalog, run: Callable[[], object], table: str) -> list[str]:  # type: ignore[no-untyped-def]

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import sqlite_plans
+from conftest import changes_since, sqlite_plans
 from sqlalchemy import insert, update
 
 from retrieval.core.errors import ClipdexError
@@ -205,7 +205,7 @@ def test_reads_of_a_models_vectors_by_id_go_through_the_primary_key(catalog):
         "pages": lambda: [chunk for chunk, _ in catalog.iter_embedding_blobs(batch=7)],
         "ids": lambda: catalog.ids(),
         "without": lambda: catalog.ids_without_vector(model),
-        "changes": lambda: catalog.changes_since(state.generation, model, 8),
+        "changes": lambda: changes_since(catalog, state.generation, model, 8),
     }
     for name, read in reads.items():
         plans = sqlite_plans(catalog, read, "vectors")
@@ -220,6 +220,6 @@ def test_reads_of_a_models_vectors_by_id_go_through_the_primary_key(catalog):
     assert np.concatenate(reads["pages"]()).tolist() == kept
     assert catalog.ids().tolist() == kept
     assert catalog.ids_without_vector(model).tolist() == []
-    changes = catalog.changes_since(state.generation, model, 8)
+    changes = changes_since(catalog, state.generation, model, 8)
     assert changes.added.tolist() == later and changes.removed.tolist() == ids[:3]
     assert np.array_equal(changes.vectors, np.stack([unit(100 + i) for i in range(5)]))

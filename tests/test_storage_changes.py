@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import changes_since
 from sqlalchemy import inspect, text
 
 import retrieval.storage.catalog as catalog_mod
@@ -130,13 +131,13 @@ def test_changes_since_returns_exactly_what_changed(base):
     new_ids = write(base, added=4, removed=victims, seed=2)
     catalog = Catalog.open(base)
     try:
-        changes = catalog.changes_since(state.generation, model, DIM)
+        changes = changes_since(catalog, state.generation, model, DIM)
         assert changes is not None
         assert sorted(changes.removed.tolist()) == sorted(victims)  # logged through the cascade
         assert changes.added.tolist() == new_ids
         np.testing.assert_array_equal(changes.vectors, catalog.embeddings(new_ids, DIM))
         assert changes.state == catalog.state()
-        nothing = catalog.changes_since(changes.state.generation, model, DIM)
+        nothing = changes_since(catalog, changes.state.generation, model, DIM)
         assert nothing is not None and nothing.count == 0
     finally:
         catalog.close()
@@ -339,11 +340,16 @@ def commits_rewriting_the_file(index_dir: Path, seeds: tuple[int, ...], **kw) ->
     return rewrote
 
 
-def test_a_deferring_writer_rewrites_the_file_only_when_it_finishes(base, monkeypatch):
+@pytest.fixture
+def save_at_every_commit(monkeypatch):  # type: ignore[no-untyped-def]
+    """The store's own rule rewrites the file after every commit."""
+    monkeypatch.setattr(vector_store_mod, "SAVE_MIN_CHANGES", 0)
+    monkeypatch.setattr(vector_store_mod, "SAVE_FRACTION", 0.0)
+
+
+def test_a_deferring_writer_rewrites_the_file_only_when_it_finishes(base, save_at_every_commit):
     """A bulk load (clipdex import) leaves the file alone mid-run however far behind it falls,
     and rewrites it when it finishes."""
-    monkeypatch.setattr(vector_store_mod, "SAVE_MIN_CHANGES", 0)  # the store's rule: every commit
-    monkeypatch.setattr(vector_store_mod, "SAVE_FRACTION", 0.0)
     assert commits_rewriting_the_file(base, (11, 12)) == [True, True]
     assert commits_rewriting_the_file(base, (13, 14, 15), defer_saves=True) == [False, False, False]
     saved = FaissIndex.load(base / FAISS_FILE, DIM)
@@ -355,10 +361,8 @@ def test_a_deferring_writer_rewrites_the_file_only_when_it_finishes(base, monkey
         catalog.close()
 
 
-def test_a_writer_interrupted_at_once_leaves_the_file_as_it_is(base, monkeypatch):
+def test_a_writer_interrupted_at_once_leaves_the_file_as_it_is(base, save_at_every_commit):
     """A second Ctrl-C stops at once: the writer's way out rewrites nothing (an error does)."""
-    monkeypatch.setattr(vector_store_mod, "SAVE_MIN_CHANGES", 0)
-    monkeypatch.setattr(vector_store_mod, "SAVE_FRACTION", 0.0)
     for stop, rewritten in ((KeyboardInterrupt, False), (ValueError, True)):
         before = file_identity(base / FAISS_FILE)
         catalog = open_catalog(base, create=True)
@@ -389,7 +393,7 @@ def test_the_removal_log_is_trimmed_when_the_file_is_rewritten(base):
         logged = catalog._rows("SELECT image_id FROM removals")  # what the triggers wrote
         assert sorted(i for (i,) in logged) == sorted(victims[10:])
         assert int(catalog.get_meta(CHANGES_FROM)) > old_state.generation
-        assert catalog.changes_since(old_state.generation, old_state.model_id, DIM) is None  # too old
+        assert changes_since(catalog, old_state.generation, old_state.model_id, DIM) is None  # too old
     finally:
         catalog.close()
 
@@ -502,7 +506,7 @@ def test_a_schema_2_catalog_is_upgraded_in_place(sqlite_base, monkeypatch):
         assert int(catalog.get_meta(CHANGES_FROM)) == state.generation  # the upgrade's own commit
         saved = FaissIndex.load(base / FAISS_FILE, DIM)
         assert saved is not None and saved.stamp is not None and saved.stamp.generation < state.generation
-        assert catalog.changes_since(saved.stamp.generation, state.model_id, DIM) is None
+        assert changes_since(catalog, saved.stamp.generation, state.model_id, DIM) is None
     finally:
         catalog.close()
     with sqlite3.connect(base / CATALOG_NAME) as conn:
@@ -629,7 +633,7 @@ def test_a_vector_inserted_without_its_generation_gets_the_latest(base):
     catalog.close()
     catalog = Catalog.open(base)
     try:
-        changes = catalog.changes_since(state.generation, state.model_id, DIM)
+        changes = changes_since(catalog, state.generation, state.model_id, DIM)
         assert changes is not None and image_id in changes.added.tolist()
     finally:
         catalog.close()

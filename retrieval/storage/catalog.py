@@ -10,7 +10,8 @@ Every write that changes what a search sees adds a row to `commits` (a generatio
 nonce). A FAISS file records the catalog identity, model and commit it reflects; a file whose
 commit is not in this catalog's history (another catalog, a restored backup) is never trusted.
 Each vector row carries the generation that wrote it and each deletion is logged in `removals`
-(schema.py), so `changes_since` reads only what changed after a cache's commit.
+(schema.py), so a change stream (`CatalogSnapshot.change_stream`) reads only what changed
+after a cache's commit.
 
 Reads and writes take different roads. Reads run straight on the database driver (sqlite3, or
 psycopg for PostgreSQL) through a small pool of connections, in SQL written once (sql_dialects):
@@ -104,27 +105,12 @@ CHANGE_BATCH = 8192
 
 
 @dataclass(frozen=True)
-class Changes:
-    """What changed in one model's vectors after a generation, up to `state` (one snapshot).
-    Apply `removed` first, then `added`: an id in both was deleted and written again."""
-
-    state: CatalogState
-    removed: np.ndarray  # ids (some may have been added after that generation too)
-    added: np.ndarray  # ids, sorted
-    vectors: np.ndarray  # float32 (len(added), dim)
-
-    @property
-    def count(self) -> int:
-        return len(self.removed) + len(self.added)
-
-
-@dataclass(frozen=True)
 class ChangeStream:
     """Changes as they are applied: the removed ids, then the added vectors in batches of
     (ids, vectors) read from the snapshot's cursor, `added_count` in all, in no particular order.
     Consumed inside the snapshot it came from. An opener far behind (a search during a large
     import) holds one batch of them at a time, not all: catching up a million changes took
-    6.1 GB as Changes."""
+    6.1 GB as one array."""
 
     state: CatalogState
     removed: np.ndarray
@@ -336,15 +322,9 @@ class Catalog:
         with self._reads.connection() as conn:
             return CatalogSnapshot(conn, self.dialect).state()
 
-    def changes_since(self, generation: int, model_id: int, dim: int) -> Changes | None:
-        """The vectors of `model_id` removed and added after `generation`, reading only those
-        rows; None when the log does not reach back that far (then diff all ids)."""
-        with self.snapshot() as snap:
-            return snap.changes_since(generation, model_id, dim)
-
     def trim_changes(self, generation: int) -> None:
         """Forget removals up to `generation`: called once no cache file older than it is left.
-        A reader still holding an older state then diffs all ids once (changes_since: None)."""
+        A reader still holding an older state then diffs all ids once (change_stream: None)."""
         from . import catalog_writes
 
         with self._write() as conn:
@@ -818,19 +798,6 @@ class CatalogSnapshot:
         wanted = [int(i) for i in ids]
         found = dict(_rows_by_ids_on(self.conn, self.dialect, sql, wanted, self._model(model_id)))
         return decode_vectors([found[i] for i in wanted], dim)
-
-    def changes_since(self, generation: int, model_id: int, dim: int) -> Changes | None:
-        """See Catalog.changes_since: the change stream, read whole."""
-        stream = self.change_stream(generation, model_id, dim)
-        if stream is None:
-            return None
-        parts = list(stream.batches)
-        added = np.concatenate([ids for ids, _ in parts]) if parts else np.empty(0, np.int64)
-        vectors = np.concatenate([v for _, v in parts]) if parts else np.empty((0, dim), np.float32)
-        # In id order by numpy, not by ORDER BY: SQLite would sort the rows, vectors and all, in
-        # a temporary B-tree (on disk past its cache: 100 MB for 50k changes).
-        order = np.argsort(added)
-        return Changes(state=stream.state, removed=stream.removed, added=added[order], vectors=vectors[order])
 
     def change_stream(self, generation: int, model_id: int, dim: int) -> ChangeStream | None:
         """The vectors of `model_id` removed and added after `generation`, the added ones read
